@@ -1,0 +1,2 @@
+//! keel-vmm
+fn main() {}
