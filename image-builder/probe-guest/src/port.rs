@@ -1,0 +1,50 @@
+//! x86 port I/O.
+
+use core::arch::asm;
+
+/// Writes one byte to I/O port `port`.
+///
+/// # Safety
+///
+/// Port writes can have any side effect the device behind the port has (reset
+/// the machine, start DMA, ...): the caller must know what `port` is.
+#[inline]
+pub unsafe fn outb(port: u16, value: u8) {
+    // SAFETY: `out` touches no memory; the device effect is the caller's contract.
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags));
+    }
+}
+
+/// Reads one byte from I/O port `port`.
+///
+/// # Safety
+///
+/// Port reads can have side effects (for example they pop a receive FIFO):
+/// the caller must know what `port` is.
+#[inline]
+pub unsafe fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: `in` touches no memory; the device effect is the caller's contract.
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags));
+    }
+    value
+}
+
+/// keel's debug port: the VMM timestamps every byte written here.
+pub const DEBUG_PORT: u16 = 0xe9;
+
+/// Debug port code written as the very first instruction of every entry.
+#[allow(dead_code)] // written by the entry assembly, kept here as the reference
+pub const CODE_ENTRY: u8 = 0x01;
+/// Debug port code written right before a normal power-off.
+pub const CODE_POWER_OFF: u8 = 0x02;
+/// Debug port code written right before the power-off that ends a panic.
+pub const CODE_PANIC: u8 = 0x03;
+
+/// Writes `code` to the keel debug port.
+pub fn debug_code(code: u8) {
+    // SAFETY: port 0xe9 is keel's debug port (QEMU's debugcon); writing it only logs.
+    unsafe { outb(DEBUG_PORT, code) }
+}
