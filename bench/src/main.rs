@@ -1,0 +1,61 @@
+//! `keel-bench`: measurements of keel against reference peers, in the same run on
+//! the same machine. Results are medians over repeated runs.
+
+mod boot;
+mod stats;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "keel-bench", about = "Measure keel against reference peers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Time from exec to the guest's first instruction, and the VMM's memory
+    /// overhead, for keel-vmm and (when installed) QEMU microvm on the same guest.
+    Boot {
+        /// Runs per VMM.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// keel-vmm binary.
+        #[arg(long, default_value = "target/release/keel-vmm")]
+        keel: PathBuf,
+        /// Probe guest built with the `pvh` feature (bootable by both VMMs).
+        #[arg(long, default_value = "target/guest/keel-probe-pvh.elf")]
+        guest: PathBuf,
+        /// QEMU binary for the reference; "none" to skip it.
+        #[arg(long, default_value = "qemu-system-x86_64")]
+        qemu: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Boot {
+            runs,
+            keel,
+            guest,
+            qemu,
+        } => boot::run(&boot::BootBench {
+            runs,
+            keel,
+            guest,
+            qemu: (qemu != "none").then_some(qemu),
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

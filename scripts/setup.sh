@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what keel needs to build, test and run its demo on Debian 12.
+# Idempotent: re-running it only installs what is missing.
+set -euo pipefail
+
+APT_PACKAGES=(build-essential pkg-config curl ca-certificates)
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    as_root apt-get update -q
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! command -v rustup >/dev/null 2>&1; then
+    echo "setup: installing the Rust toolchain with rustup"
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+# The probe guest is a bare-metal x86_64 binary.
+if ! rustup target list --installed | grep -qx x86_64-unknown-none; then
+    rustup target add x86_64-unknown-none
+fi
+for component in rustfmt clippy; do
+    rustup component list --installed | grep -q "^$component" || rustup component add "$component"
+done
+
+if [ ! -e /dev/kvm ]; then
+    echo "setup: warning: /dev/kvm is missing; keel-vmm needs KVM (load kvm_intel or kvm_amd)" >&2
+fi
