@@ -7,4 +7,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod pci;
 pub mod trigger;
+pub mod vhost_user;
+pub mod virtio;

@@ -1,0 +1,51 @@
+//! PCI: configuration spaces, the conf1 host bridge, MSI-X, and BAR placement.
+
+pub mod config;
+pub mod msix;
+pub mod root;
+
+pub use config::{PciConfig, PciIds};
+pub use root::{PciFunction, PciRoot, SharedFunction};
+
+/// Hands out naturally aligned BAR addresses from a window of the 32-bit MMIO hole.
+#[derive(Debug, Clone)]
+pub struct BarAllocator {
+    next: u64,
+    end: u64,
+}
+
+impl BarAllocator {
+    /// Allocates from `[start, end)`.
+    pub fn new(start: u64, end: u64) -> Self {
+        Self { next: start, end }
+    }
+
+    /// A `size`-aligned range of `size` bytes (size a power of two), or None when the
+    /// window is exhausted.
+    pub fn allocate(&mut self, size: u64) -> Option<u64> {
+        if !size.is_power_of_two() {
+            return None;
+        }
+        let base = self.next.checked_add(size - 1)? & !(size - 1);
+        let end = base.checked_add(size)?;
+        if end > self.end {
+            return None;
+        }
+        self.next = end;
+        Some(base)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bars_are_aligned_and_bounded() {
+        let mut a = BarAllocator::new(0xc000_1000, 0xc002_0000);
+        assert_eq!(a.allocate(0x8000), Some(0xc000_8000));
+        assert_eq!(a.allocate(0x1000), Some(0xc001_0000));
+        assert_eq!(a.allocate(0x10000), None);
+        assert_eq!(a.allocate(0x3000), None);
+    }
+}
