@@ -551,3 +551,285 @@ impl BusDevice for VirtioPci {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::msix::tests::RecordingRouter;
+    use crate::virtio::DeviceError;
+    use std::sync::Mutex;
+
+    /// (queue index, size, descriptor table address)
+    type QueueSummary = (usize, u16, u64);
+
+    #[derive(Default)]
+    struct Record {
+        activated: Vec<(u64, Vec<QueueSummary>)>,
+        resets: usize,
+    }
+
+    struct FakeDevice {
+        record: Arc<Mutex<Record>>,
+        fail: bool,
+    }
+
+    impl VirtioDevice for FakeDevice {
+        fn device_type(&self) -> u32 {
+            super::super::TYPE_BLOCK
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![64, 64]
+        }
+        fn features(&self) -> u64 {
+            1 << 9
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            put_le(data, 0x1000 + offset);
+        }
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+        fn activate(
+            &mut self,
+            _mem: &GuestMemoryMmap,
+            features: u64,
+            queues: Vec<QueueSetup>,
+            _interrupts: &Arc<dyn VectorRouter>,
+        ) -> Result<(), DeviceError> {
+            if self.fail {
+                return Err(DeviceError::Backend("fake failure".into()));
+            }
+            self.record.lock().unwrap().activated.push((
+                features,
+                queues.iter().map(|q| (q.index, q.size, q.desc)).collect(),
+            ));
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.record.lock().unwrap().resets += 1;
+        }
+    }
+
+    fn device(fail: bool) -> (VirtioPci, Arc<Mutex<Record>>, Arc<RecordingRouter>) {
+        let record = Arc::new(Mutex::new(Record::default()));
+        let router = RecordingRouter::new(3);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let dev = VirtioPci::new(
+            "test",
+            Box::new(FakeDevice {
+                record: record.clone(),
+                fail,
+            }),
+            router.clone(),
+            mem,
+            0xc000_0000,
+        )
+        .unwrap();
+        (dev, record, router)
+    }
+
+    fn w(dev: &mut VirtioPci, off: u64, value: u64, len: usize) {
+        dev.write(off, &value.to_le_bytes()[..len]);
+    }
+
+    fn r(dev: &mut VirtioPci, off: u64, len: usize) -> u64 {
+        let mut d = vec![0u8; len];
+        dev.read(off, &mut d);
+        le_value(&d)
+    }
+
+    fn negotiate(dev: &mut VirtioPci, features: u64) -> u8 {
+        w(
+            dev,
+            0x14,
+            u64::from(status::ACKNOWLEDGE | status::DRIVER),
+            1,
+        );
+        w(dev, 0x08, 0, 4);
+        w(dev, 0x0c, features & 0xffff_ffff, 4);
+        w(dev, 0x08, 1, 4);
+        w(dev, 0x0c, features >> 32, 4);
+        w(
+            dev,
+            0x14,
+            u64::from(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK),
+            1,
+        );
+        r(dev, 0x14, 1) as u8
+    }
+
+    fn setup_queue(dev: &mut VirtioPci, index: u16, size: u16, base: u64) {
+        w(dev, 0x16, u64::from(index), 2);
+        w(dev, 0x18, u64::from(size), 2);
+        w(dev, 0x20, base, 8);
+        w(dev, 0x28, base + 0x1000, 8);
+        w(dev, 0x30, base + 0x2000, 8);
+        w(dev, 0x1c, 1, 2);
+    }
+
+    fn driver_ok(dev: &mut VirtioPci) -> u8 {
+        w(
+            dev,
+            0x14,
+            u64::from(
+                status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+            ),
+            1,
+        );
+        r(dev, 0x14, 1) as u8
+    }
+
+    #[test]
+    fn config_space_identifies_a_modern_virtio_blk_with_capabilities() {
+        let (mut dev, _, _) = device(false);
+        let mut d = [0u8; 4];
+        dev.config_read(0, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x1042_1af4);
+        dev.config_read(0x10, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0xc000_0000);
+        // Walk the capability list: MSI-X then four virtio capabilities.
+        let mut ptr = {
+            let mut b = [0u8; 1];
+            dev.config_read(0x34, &mut b);
+            b[0] as usize
+        };
+        let mut kinds = Vec::new();
+        while ptr != 0 {
+            let mut b = [0u8; 4];
+            dev.config_read(ptr, &mut b);
+            kinds.push((b[0], if b[0] == CAP_VENDOR { b[3] } else { 0 }));
+            ptr = b[1] as usize;
+        }
+        assert_eq!(
+            kinds,
+            vec![
+                (MSIX_CAP_ID, 0),
+                (9, CFG_COMMON),
+                (9, CFG_NOTIFY),
+                (9, CFG_ISR),
+                (9, CFG_DEVICE)
+            ]
+        );
+    }
+
+    #[test]
+    fn negotiation_and_activation_reach_the_device() {
+        let (mut dev, record, _) = device(false);
+        assert_eq!(r(&mut dev, 0x12, 2), 2, "num_queues");
+        w(&mut dev, 0x00, 1, 4);
+        assert_eq!(r(&mut dev, 0x04, 4), 1, "VERSION_1 in the high word");
+        let st = negotiate(&mut dev, (1 << 32) | (1 << 9));
+        assert_ne!(st & status::FEATURES_OK, 0);
+        setup_queue(&mut dev, 0, 32, 0x10000);
+        let st = driver_ok(&mut dev);
+        assert_eq!(st & status::NEEDS_RESET, 0);
+        let rec = record.lock().unwrap();
+        assert_eq!(
+            rec.activated,
+            vec![((1 << 32) | (1 << 9), vec![(0, 32, 0x10000)])]
+        );
+    }
+
+    #[test]
+    fn unsupported_features_or_missing_version_1_are_refused() {
+        let (mut dev, _, _) = device(false);
+        assert_eq!(
+            negotiate(&mut dev, 1 << 9) & status::FEATURES_OK,
+            0,
+            "no VERSION_1"
+        );
+        w(&mut dev, 0x14, 0, 1);
+        assert_eq!(
+            negotiate(&mut dev, (1 << 32) | (1 << 3)) & status::FEATURES_OK,
+            0,
+            "bit 3 not offered"
+        );
+    }
+
+    #[test]
+    fn bad_queues_set_needs_reset_and_never_reach_the_device() {
+        let cases: [(u16, u64); 4] = [
+            (48, 0x10000),       // not a power of two
+            (128, 0x10000),      // above the maximum
+            (32, 0x10008),       // misaligned descriptor table
+            (32, 0xf_ffff_0000), // outside guest RAM
+        ];
+        for (size, base) in cases {
+            let (mut dev, record, router) = device(false);
+            negotiate(&mut dev, 1 << 32);
+            w(&mut dev, 0x10, 0, 2); // config vector 0
+            setup_queue(&mut dev, 0, size, base);
+            let st = driver_ok(&mut dev);
+            assert_ne!(st & status::NEEDS_RESET, 0, "size {size} base {base:#x}");
+            assert!(record.lock().unwrap().activated.is_empty());
+            assert_eq!(router.triggered.lock().unwrap().as_slice(), &[0]);
+            // A reset clears it and the device can be brought up again.
+            w(&mut dev, 0x14, 0, 1);
+            assert_eq!(r(&mut dev, 0x14, 1), 0);
+            negotiate(&mut dev, 1 << 32);
+            setup_queue(&mut dev, 0, 32, 0x10000);
+            assert_eq!(driver_ok(&mut dev) & status::NEEDS_RESET, 0);
+            assert_eq!(record.lock().unwrap().activated.len(), 1);
+        }
+    }
+
+    #[test]
+    fn backend_failure_sets_needs_reset() {
+        let (mut dev, _, _) = device(true);
+        negotiate(&mut dev, 1 << 32);
+        setup_queue(&mut dev, 0, 32, 0x10000);
+        assert_ne!(driver_ok(&mut dev) & status::NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn driver_reload_resets_the_device_and_reactivates() {
+        let (mut dev, record, _) = device(false);
+        negotiate(&mut dev, 1 << 32);
+        setup_queue(&mut dev, 1, 16, 0x20000);
+        driver_ok(&mut dev);
+        w(&mut dev, 0x14, 0, 1);
+        assert_eq!(record.lock().unwrap().resets, 1);
+        w(&mut dev, 0x16, 1, 2);
+        assert_eq!(r(&mut dev, 0x1c, 2), 0, "queue disabled after reset");
+        assert_eq!(r(&mut dev, 0x18, 2), 64, "size back to maximum");
+        negotiate(&mut dev, 1 << 32);
+        setup_queue(&mut dev, 1, 16, 0x30000);
+        driver_ok(&mut dev);
+        assert_eq!(record.lock().unwrap().activated.len(), 2);
+    }
+
+    #[test]
+    fn queue_registers_are_frozen_while_running_and_vectors_are_bounded() {
+        let (mut dev, _, _) = device(false);
+        negotiate(&mut dev, 1 << 32);
+        setup_queue(&mut dev, 0, 32, 0x10000);
+        w(&mut dev, 0x1a, 7, 2); // only 3 vectors exist
+        assert_eq!(r(&mut dev, 0x1a, 2), u64::from(NO_VECTOR));
+        w(&mut dev, 0x1a, 1, 2);
+        driver_ok(&mut dev);
+        w(&mut dev, 0x20, 0xdead_0000, 8);
+        assert_eq!(r(&mut dev, 0x20, 8), 0x10000);
+        // Garbage widths and offsets anywhere in the BAR are ignored.
+        for off in (0..BAR0_SIZE).step_by(0x3f3) {
+            dev.write(off, &[0xff; 3]);
+            let mut d = [0u8; 3];
+            dev.read(off, &mut d);
+        }
+        assert_eq!(r(&mut dev, 0x20, 8), 0x10000);
+    }
+
+    #[test]
+    fn msix_enable_through_config_space_routes_programmed_vectors() {
+        let (mut dev, _, router) = device(false);
+        let table = MSIX_TABLE_OFFSET;
+        dev.write(table, &0xfee0_0000u64.to_le_bytes());
+        dev.write(table + 8, &0x41u32.to_le_bytes());
+        dev.write(table + 12, &0u32.to_le_bytes());
+        assert!(router.updates.lock().unwrap().is_empty());
+        // Message control is at cap + 2; set the enable bit (bit 15).
+        let cap = dev.msix_cap;
+        dev.config_write(cap + 3, &[0x80]);
+        let updates = router.updates.lock().unwrap();
+        assert_eq!(updates.len(), 1);
+        assert_eq!(updates[0].0, 0);
+        assert_eq!(updates[0].1.map(|m| m.data), Some(0x41));
+    }
+}
