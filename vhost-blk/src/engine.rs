@@ -1,0 +1,412 @@
+//! The io_uring engine of one virtqueue: turns parsed requests into SQEs, submits them
+//! in batches, and reaps completions from the completion ring without a syscall.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use io_uring::{opcode, types, IoUring};
+use log::{debug, warn};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::disk::Disk;
+use crate::request::{Op, Request, Segment, STATUS_IOERR, STATUS_OK};
+
+/// Most iovecs one request may use (the kernel's `UIO_MAXIOV`).
+const MAX_IOVECS: usize = 1024;
+
+/// Why the engine failed (the ring itself, not an individual request).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// io_uring_setup failed.
+    #[error("cannot create io_uring: {0}")]
+    Setup(#[source] std::io::Error),
+    /// The completion eventfd could not be created or registered.
+    #[error("cannot set up the completion eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    /// io_uring_enter failed.
+    #[error("io_uring submit failed: {0}")]
+    Submit(#[source] std::io::Error),
+}
+
+/// A finished request, ready to be put on the used ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// Descriptor chain head.
+    pub head: u16,
+    /// Where to write the status byte (`None`: dropped chain, used length 0).
+    pub status_addr: Option<GuestAddress>,
+    /// The status byte.
+    pub status: u8,
+    /// Used length: bytes written into the chain including the status byte.
+    pub used_len: u32,
+}
+
+impl Completion {
+    fn new(head: u16, status_addr: Option<GuestAddress>, status: u8, data_len: u32) -> Self {
+        let used_len = if status_addr.is_some() {
+            data_len.saturating_add(1)
+        } else {
+            0
+        };
+        Completion {
+            head,
+            status_addr,
+            status,
+            used_len,
+        }
+    }
+}
+
+/// iovecs pointing into guest memory.
+struct IoVecs(Vec<libc::iovec>);
+
+// SAFETY: the pointers refer to guest memory mappings kept alive by the `Arc` stored next
+// to them in `Inflight`; they are only handed to the kernel, never dereferenced here, so
+// moving them between threads is sound.
+unsafe impl Send for IoVecs {}
+
+/// What an in-flight SQE is doing, for interpreting its result.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Read { len: u32 },
+    Write { len: u32 },
+    Flush,
+    Discard,
+    WriteZeroes { offset: u64, len: u64, punch: bool },
+}
+
+struct Inflight {
+    head: u16,
+    status_addr: GuestAddress,
+    kind: Kind,
+    /// Referenced by the kernel until the completion is reaped.
+    _iov: IoVecs,
+    /// Keeps the guest memory mapped while the kernel may access it.
+    _mem: Arc<GuestMemoryMmap>,
+}
+
+/// One io_uring plus the table of requests in flight on it.
+pub struct Engine {
+    ring: IoUring,
+    event: EventFd,
+    disk: Arc<Disk>,
+    slots: Vec<Option<Inflight>>,
+    free: Vec<u32>,
+    inflight: usize,
+    unsubmitted: usize,
+}
+
+impl Engine {
+    /// Creates a ring with room for `depth` requests in flight.
+    pub fn new(disk: Arc<Disk>, depth: u16) -> Result<Engine, EngineError> {
+        let entries = u32::from(depth.max(1)).next_power_of_two();
+        let ring = IoUring::builder()
+            .setup_cqsize(entries * 2)
+            .build(entries)
+            .map_err(EngineError::Setup)?;
+        let event = EventFd::new(EFD_NONBLOCK).map_err(EngineError::EventFd)?;
+        ring.submitter()
+            .register_eventfd(event.as_raw_fd())
+            .map_err(EngineError::EventFd)?;
+        let slots = (0..entries).map(|_| None).collect();
+        let free = (0..entries).rev().collect();
+        Ok(Engine {
+            ring,
+            event,
+            disk,
+            slots,
+            free,
+            inflight: 0,
+            unsubmitted: 0,
+        })
+    }
+
+    /// The eventfd signalled on every completion.
+    pub fn completion_fd(&self) -> RawFd {
+        self.event.as_raw_fd()
+    }
+
+    /// Clears the completion eventfd (before reaping, so no wake-up is lost).
+    pub fn clear_event(&self) {
+        let _ = self.event.read();
+    }
+
+    /// No room for another request until completions are reaped.
+    pub fn is_full(&self) -> bool {
+        self.free.is_empty()
+    }
+
+    /// Requests in flight.
+    pub fn inflight(&self) -> usize {
+        self.inflight
+    }
+
+    /// Starts `req` for chain `head`. Returns a completion right away when there is
+    /// nothing to submit (errors found while parsing, GET_ID, unmappable buffers).
+    /// The caller must check [`Engine::is_full`] first; a full engine fails the request.
+    pub fn start(
+        &mut self,
+        head: u16,
+        req: Request,
+        mem: &Arc<GuestMemoryMmap>,
+    ) -> Option<Completion> {
+        let Some(status_addr) = req.status else {
+            return Some(Completion::new(head, None, STATUS_IOERR, 0));
+        };
+        let fail = |status| Some(Completion::new(head, Some(status_addr), status, 0));
+        let fd = types::Fd(self.disk.file.as_raw_fd());
+        let (kind, iov, entry) = match req.op {
+            Op::Done { status, data_len } => {
+                return Some(Completion::new(head, Some(status_addr), status, data_len))
+            }
+            Op::Read { offset, segs, len } => {
+                let Some(iov) = iovecs(mem, &segs) else {
+                    return fail(STATUS_IOERR);
+                };
+                let e = opcode::Readv::new(fd, iov.0.as_ptr(), iov.0.len() as u32)
+                    .offset(offset)
+                    .build();
+                (Kind::Read { len }, iov, e)
+            }
+            Op::Write { offset, segs, len } => {
+                let Some(iov) = iovecs(mem, &segs) else {
+                    return fail(STATUS_IOERR);
+                };
+                let flags = if self.disk.write_cache() {
+                    0
+                } else {
+                    libc::RWF_DSYNC
+                };
+                let e = opcode::Writev::new(fd, iov.0.as_ptr(), iov.0.len() as u32)
+                    .offset(offset)
+                    .rw_flags(flags)
+                    .build();
+                (Kind::Write { len }, iov, e)
+            }
+            Op::Flush => {
+                let e = opcode::Fsync::new(fd)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build();
+                (Kind::Flush, IoVecs(Vec::new()), e)
+            }
+            Op::Discard { offset, len } => {
+                let e = opcode::Fallocate::new(fd, len)
+                    .offset(offset)
+                    .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                    .build();
+                (Kind::Discard, IoVecs(Vec::new()), e)
+            }
+            Op::WriteZeroes { offset, len, unmap } => {
+                // Block devices and most filesystems support both modes; a punched
+                // hole reads back as zeroes on files too.
+                let kind = Kind::WriteZeroes {
+                    offset,
+                    len,
+                    punch: unmap,
+                };
+                (
+                    kind,
+                    IoVecs(Vec::new()),
+                    self.zeroes_entry(offset, len, unmap),
+                )
+            }
+        };
+        let Some(slot) = self.free.pop() else {
+            return fail(STATUS_IOERR);
+        };
+        self.slots[slot as usize] = Some(Inflight {
+            head,
+            status_addr,
+            kind,
+            _iov: iov,
+            _mem: mem.clone(),
+        });
+        self.inflight += 1;
+        if let Err(e) = self.push(entry.user_data(u64::from(slot))) {
+            warn!("cannot queue an I/O request: {e}");
+            self.slots[slot as usize] = None;
+            self.free.push(slot);
+            self.inflight -= 1;
+            return fail(STATUS_IOERR);
+        }
+        None
+    }
+
+    fn zeroes_entry(&self, offset: u64, len: u64, punch: bool) -> io_uring::squeue::Entry {
+        let mode = if punch {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        opcode::Fallocate::new(types::Fd(self.disk.file.as_raw_fd()), len)
+            .offset(offset)
+            .mode(mode)
+            .build()
+    }
+
+    /// Queues one SQE, submitting what is queued first if the ring is full.
+    fn push(&mut self, entry: io_uring::squeue::Entry) -> Result<(), EngineError> {
+        for _ in 0..2 {
+            // SAFETY: every buffer the entry points to (iovec array, guest memory, the
+            // file) is owned by the slot named in its user_data or by `self`, and stays
+            // alive until the completion for that slot is reaped (or the ring is dropped
+            // after draining).
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                self.unsubmitted += 1;
+                return Ok(());
+            }
+            self.submit()?;
+        }
+        Err(EngineError::Submit(std::io::Error::from_raw_os_error(
+            libc::EBUSY,
+        )))
+    }
+
+    /// Submits all queued SQEs with one syscall.
+    pub fn submit(&mut self) -> Result<(), EngineError> {
+        if self.unsubmitted == 0 {
+            return Ok(());
+        }
+        loop {
+            match self.ring.submit() {
+                Ok(_) => {
+                    self.unsubmitted = 0;
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    // Completion ring overflow backlog: let the caller reap first.
+                    return Ok(());
+                }
+                Err(e) => return Err(EngineError::Submit(e)),
+            }
+        }
+    }
+
+    /// Moves finished requests into `out` (no syscall). Returns how many were added.
+    pub fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
+        let before = out.len();
+        let mut retries = Vec::new();
+        for cqe in self.ring.completion() {
+            let slot = cqe.user_data() as usize;
+            let Some(inflight) = self.slots.get_mut(slot).and_then(Option::take) else {
+                warn!("completion for unknown slot {slot}");
+                continue;
+            };
+            let res = cqe.result();
+            let status = match inflight.kind {
+                Kind::Read { len } | Kind::Write { len } if res == len as i32 => STATUS_OK,
+                Kind::Read { len } | Kind::Write { len } => {
+                    debug!("short or failed I/O: {res} of {len} bytes");
+                    STATUS_IOERR
+                }
+                Kind::Discard if res >= 0 || res == -libc::EOPNOTSUPP => STATUS_OK,
+                Kind::WriteZeroes {
+                    offset,
+                    len,
+                    punch: false,
+                } if res == -libc::EOPNOTSUPP || res == -libc::EINVAL => {
+                    // No ZERO_RANGE here: punch a hole instead (reads back zeroes).
+                    retries.push((slot, offset, len));
+                    self.slots[slot] = Some(Inflight {
+                        kind: Kind::WriteZeroes {
+                            offset,
+                            len,
+                            punch: true,
+                        },
+                        ..inflight
+                    });
+                    continue;
+                }
+                _ if res >= 0 => STATUS_OK,
+                _ => {
+                    debug!(
+                        "request failed: {}",
+                        std::io::Error::from_raw_os_error(-res)
+                    );
+                    STATUS_IOERR
+                }
+            };
+            let data_len = match inflight.kind {
+                Kind::Read { len } if status == STATUS_OK => len,
+                _ => 0,
+            };
+            out.push(Completion::new(
+                inflight.head,
+                Some(inflight.status_addr),
+                status,
+                data_len,
+            ));
+            self.free.push(slot as u32);
+            self.inflight -= 1;
+        }
+        for (slot, offset, len) in retries {
+            let entry = self.zeroes_entry(offset, len, true).user_data(slot as u64);
+            if self.push(entry).is_err() {
+                if let Some(inflight) = self.slots[slot].take() {
+                    out.push(Completion::new(
+                        inflight.head,
+                        Some(inflight.status_addr),
+                        STATUS_IOERR,
+                        0,
+                    ));
+                    self.free.push(slot as u32);
+                    self.inflight -= 1;
+                }
+            }
+        }
+        if self.unsubmitted > 0 {
+            if let Err(e) = self.submit() {
+                warn!("{e}");
+            }
+        }
+        out.len() - before
+    }
+
+    /// Blocks until every request in flight has completed, moving them into `out`.
+    pub fn drain(&mut self, out: &mut Vec<Completion>) {
+        while self.inflight > 0 {
+            self.reap(out);
+            if self.inflight == 0 {
+                break;
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => self.unsubmitted = 0,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => {
+                    warn!("cannot wait for in-flight I/O: {e}");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // The kernel may still write into guest memory referenced by the slots.
+        let mut done = Vec::new();
+        self.drain(&mut done);
+    }
+}
+
+/// Host iovecs for guest segments, or `None` if any part is not guest memory or there
+/// are too many pieces.
+fn iovecs(mem: &GuestMemoryMmap, segs: &[Segment]) -> Option<IoVecs> {
+    let mut iov = Vec::with_capacity(segs.len());
+    for seg in segs {
+        for slice in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
+            let slice = slice.ok()?;
+            if iov.len() == MAX_IOVECS {
+                return None;
+            }
+            iov.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+        }
+    }
+    Some(IoVecs(iov))
+}

@@ -1,0 +1,123 @@
+//! Moves requests between one virtqueue and its io_uring engine.
+//!
+//! Works on a plain [`virtio_queue::Queue`], so the same code runs under the
+//! vhost-user backend and in unit tests with a mock queue.
+
+use std::sync::Arc;
+
+use log::warn;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+use crate::disk::Disk;
+use crate::engine::{Completion, Engine, EngineError};
+use crate::request;
+
+/// Why processing a queue failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The virtqueue could not be accessed (bad ring addresses, bad indexes).
+    #[error("virtqueue error: {0}")]
+    Queue(#[from] virtio_queue::Error),
+    /// The engine could not submit.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// One virtqueue's engine and scratch space.
+pub struct QueueWorker {
+    engine: Engine,
+    disk: Arc<Disk>,
+    done: Vec<Completion>,
+}
+
+impl QueueWorker {
+    /// A worker with a ring deep enough for `queue_size` requests.
+    pub fn new(disk: Arc<Disk>, queue_size: u16) -> Result<QueueWorker, EngineError> {
+        Ok(QueueWorker {
+            engine: Engine::new(disk.clone(), queue_size)?,
+            disk,
+            done: Vec::new(),
+        })
+    }
+
+    /// The engine's completion eventfd.
+    pub fn completion_fd(&self) -> std::os::fd::RawFd {
+        self.engine.completion_fd()
+    }
+
+    /// Requests in flight in the engine.
+    pub fn inflight(&self) -> usize {
+        self.engine.inflight()
+    }
+
+    /// Takes new chains from the avail ring and submits them in one batch. With
+    /// `rearm`, notifications are re-enabled at the end (and the ring re-checked);
+    /// without, they stay disabled (busy polling). Returns the number of used entries
+    /// added (requests completed without I/O).
+    pub fn process_avail(
+        &mut self,
+        q: &mut Queue,
+        mem: &Arc<GuestMemoryMmap>,
+        rearm: bool,
+    ) -> Result<usize, WorkerError> {
+        let mut used = 0;
+        loop {
+            q.disable_notification(&**mem)?;
+            while !self.engine.is_full() {
+                let Some(chain) = q.pop_descriptor_chain(&**mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                let req = request::parse(chain, mem, &self.disk);
+                if let Some(c) = self.engine.start(head, req, mem) {
+                    complete(q, mem, c);
+                    used += 1;
+                }
+            }
+            self.engine.submit()?;
+            if self.engine.is_full() || !rearm {
+                // Completions will bring us back here.
+                break;
+            }
+            if !q.enable_notification(&**mem)? {
+                break;
+            }
+        }
+        Ok(used)
+    }
+
+    /// Puts finished requests on the used ring. Returns how many.
+    pub fn process_completions(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> usize {
+        self.engine.clear_event();
+        self.done.clear();
+        let n = self.engine.reap(&mut self.done);
+        for c in self.done.drain(..) {
+            complete(q, mem, c);
+        }
+        n
+    }
+
+    /// Waits for all requests in flight and puts them on the used ring.
+    pub fn drain(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> usize {
+        self.done.clear();
+        self.engine.drain(&mut self.done);
+        let n = self.done.len();
+        for c in self.done.drain(..) {
+            complete(q, mem, c);
+        }
+        n
+    }
+}
+
+/// Writes the status byte and adds the chain to the used ring.
+fn complete(q: &mut Queue, mem: &GuestMemoryMmap, c: Completion) {
+    if let Some(addr) = c.status_addr {
+        if let Err(e) = mem.write_obj(c.status, addr) {
+            warn!("cannot write the status byte at {:#x}: {e}", addr.0);
+        }
+    }
+    if let Err(e) = q.add_used(mem, c.head, c.used_len) {
+        warn!("cannot add chain {} to the used ring: {e}", c.head);
+    }
+}
