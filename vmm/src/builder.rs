@@ -279,6 +279,11 @@ fn launch(
     let (tx, rx) = mpsc::channel();
     let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(io_err("vCPU event eventfd"))?);
     let threads = VcpuThreads::start(vcpus, buses, EventSink::new(tx, Arc::clone(&wake)))?;
+    crate::notify::notify(&format!(
+        "READY=1\nSTATUS=running: {} vCPU(s), {} MiB",
+        config.vcpus.count,
+        config.memory.size_bytes >> 20
+    ));
     info!(
         "sandbox {}: {} vCPU(s), {} MiB, running",
         config.name,
@@ -317,6 +322,7 @@ fn launch(
         listener,
     })));
     let reason = drive(&event_loop);
+    crate::notify::notify("STOPPING=1\nSTATUS=stopping");
 
     let event_loop = match Arc::try_unwrap(event_loop) {
         Ok(m) => m.into_inner().unwrap_or_else(|p| p.into_inner()),

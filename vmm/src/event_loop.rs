@@ -31,6 +31,7 @@ const TOKEN_SIGNAL: u32 = 3;
 const TOKEN_STDIN: u32 = 4;
 const TOKEN_INPUT_SPACE: u32 = 5;
 const TOKEN_CONTROL_LISTENER: u32 = 6;
+const TOKEN_WATCHDOG: u32 = 7;
 const FIRST_CONNECTION_TOKEN: u32 = 100;
 
 /// Why the VMM stops.
@@ -92,6 +93,7 @@ pub struct EventLoop {
     connections: HashMap<u32, Connection>,
     next_token: u32,
     exit: Option<ExitReason>,
+    watchdog: Option<crate::notify::Watchdog>,
 }
 
 /// Parts the event loop is built from.
@@ -133,6 +135,7 @@ impl EventLoop {
             connections: HashMap::new(),
             next_token: FIRST_CONNECTION_TOKEN,
             exit: None,
+            watchdog: crate::notify::Watchdog::from_env(),
         }
     }
 
@@ -414,6 +417,11 @@ impl MutEventSubscriber for EventLoop {
             TOKEN_STDIN => self.handle_stdin(set, ops),
             TOKEN_INPUT_SPACE => self.handle_input_space(ops),
             TOKEN_CONTROL_LISTENER => self.handle_accept(ops),
+            TOKEN_WATCHDOG => {
+                if let Some(w) = &mut self.watchdog {
+                    w.fire();
+                }
+            }
             token if token >= FIRST_CONNECTION_TOKEN => self.handle_connection(token, set, ops),
             other => debug!("event for unknown token {other}"),
         }
@@ -446,6 +454,12 @@ impl MutEventSubscriber for EventLoop {
                 EventSet::IN,
             )) {
                 warn!("control socket: cannot watch it ({e:?}); control disabled");
+            }
+        }
+        if let Some(w) = &self.watchdog {
+            match ops.add(Events::with_data(w, TOKEN_WATCHDOG, EventSet::IN)) {
+                Ok(()) => info!("systemd watchdog: pinging every {:?}", w.period()),
+                Err(e) => warn!("systemd watchdog: cannot watch its timer ({e:?})"),
             }
         }
     }

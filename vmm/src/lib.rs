@@ -12,7 +12,9 @@ pub mod event_loop;
 pub mod kvm;
 pub mod layout;
 pub mod memory;
+pub mod notify;
 pub mod signals;
+pub mod systemd_dropin;
 pub mod vcpu;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};

@@ -38,6 +38,14 @@ enum Command {
         #[arg(value_enum)]
         command: CtlCommand,
     },
+    /// Print the systemd drop-in for keel-vmm@NAME.service derived from a sandbox
+    /// file: backend and hugepage dependencies, AllowedCPUs=, AllowedMemoryNodes=,
+    /// MemoryMax=, TasksMax=.
+    SystemdDropin {
+        /// The sandbox configuration file.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 /// Control requests.
@@ -143,6 +151,16 @@ fn main() -> ExitCode {
             }
         }
         Command::Ctl { socket, command } => control_request(&socket, command),
+        Command::SystemdDropin { file } => match config::load(&file) {
+            Ok(c) => {
+                print!("{}", keel_vmm::systemd_dropin::render(&c, &file));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run { config: path } => {
             init_logging();
             let sandbox = match config::load(&path) {

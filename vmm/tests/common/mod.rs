@@ -196,9 +196,23 @@ impl Vmm {
     }
 
     pub fn start_args(args: &[&str]) -> Self {
+        Self::start_args_with_env(args, &[])
+    }
+
+    /// Starts `keel-vmm run --config CONFIG` with extra environment variables.
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_args_with_env(
+            &["run", "--config", config.to_str().expect("utf-8 path")],
+            env,
+        )
+    }
+
+    /// Starts `keel-vmm ARGS` with extra environment variables.
+    pub fn start_args_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_keel-vmm"))
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
