@@ -3,7 +3,9 @@
 # Idempotent: re-running it only installs what is missing.
 set -euo pipefail
 
-APT_PACKAGES=(build-essential pkg-config curl ca-certificates)
+# qemu-system-common: qemu-storage-daemon (vhost-user-blk peer in tests);
+# dpdk, dpdk-dev: testpmd (vhost-user-net peer); qemu-system-x86: reference VMM in bench/.
+APT_PACKAGES=(build-essential pkg-config curl ca-certificates qemu-system-common qemu-system-x86 dpdk dpdk-dev)
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -34,6 +36,17 @@ fi
 for component in rustfmt clippy; do
     rustup component list --installed | grep -q "^$component" || rustup component add "$component"
 done
+
+# DPDK's testpmd (a test peer) needs 2 MiB hugepages and a hugetlbfs mount.
+if [ "$(id -u)" -eq 0 ]; then
+    pages=/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages
+    if [ -w "$pages" ] && [ "$(cat "$pages")" -lt 512 ]; then
+        echo 512 > "$pages" || true
+    fi
+    if ! mount | grep -q " /dev/hugepages type hugetlbfs"; then
+        mkdir -p /dev/hugepages && mount -t hugetlbfs nodev /dev/hugepages || true
+    fi
+fi
 
 if [ ! -e /dev/kvm ]; then
     echo "setup: warning: /dev/kvm is missing; keel-vmm needs KVM (load kvm_intel or kvm_amd)" >&2

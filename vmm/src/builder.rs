@@ -25,6 +25,7 @@ use crate::event_loop::{EventLoop, EventLoopParts, ExitReason, SerialInput, VmFa
 use crate::kvm;
 use crate::layout::{COM1_IRQ, COM1_PORT};
 use crate::memory;
+use crate::pci_devices;
 use crate::signals::StopSignals;
 use crate::vcpu::{self, Buses, EventSink, VcpuThreads};
 
@@ -75,6 +76,9 @@ pub enum VmmError {
         /// What went wrong.
         reason: String,
     },
+    /// A PCI device could not be created.
+    #[error(transparent)]
+    PciDevice(#[from] pci_devices::PciDeviceError),
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventLoop(String),
@@ -231,9 +235,11 @@ fn prepare(
         1,
         Arc::new(Mutex::new(DebugPort::new(Arc::clone(&debug_log)))),
     )?;
+    let mut mmio = BusBuilder::new();
+    pci_devices::attach(config, vm, ram, &mut pio, &mut mmio)?;
     let buses = Buses {
         pio: Arc::new(pio.build()),
-        mmio: Arc::new(BusBuilder::new().build()),
+        mmio: Arc::new(mmio.build()),
     };
 
     let listener = match &config.control.socket {

@@ -55,8 +55,8 @@ const REQUIRED_CAPS: &[(Cap, &str)] = &[
 pub struct Vm {
     /// The KVM system handle (for supported CPUID etc.).
     pub kvm: Kvm,
-    /// The VM handle.
-    pub fd: VmFd,
+    /// The VM handle (shared with interrupt routing).
+    pub fd: std::sync::Arc<VmFd>,
 }
 
 /// Opens KVM, checks its capabilities and creates a VM with its TSS and identity
@@ -81,7 +81,10 @@ pub fn create_vm() -> Result<Vm, KvmError> {
         .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
     fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
         .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
-    Ok(Vm { kvm, fd })
+    Ok(Vm {
+        kvm,
+        fd: std::sync::Arc::new(fd),
+    })
 }
 
 /// Creates the in-kernel IOAPIC, PIC and LAPICs, and the PIT. Must come before

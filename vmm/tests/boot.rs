@@ -163,3 +163,44 @@ fn hugepage_shortage_is_reported_with_numbers() {
     assert!(err.contains(&format!("free {free}")), "{err}");
     assert!(err.contains("nr_hugepages"), "{err}");
 }
+
+#[test]
+fn numa_bound_prefaulted_memory_boots() {
+    let dir = SandboxDir::new();
+    let config = dir.probe_config(
+        "hello",
+        1,
+        "[memory]\nsize = \"64MiB\"\nnuma_node = 0\nprefault = true\n",
+    );
+    let mut vmm = Vmm::start(&config);
+    let status = vmm.wait(BOOT_TIMEOUT);
+    let err = vmm.stderr.text();
+    assert!(status.success(), "{err}");
+    assert!(err.contains("bound to NUMA node 0, prefaulted"), "{err}");
+    assert!(vmm.stdout.text().contains("keel-probe: ram_mib=63"));
+}
+
+#[test]
+fn hugepage_backed_memory_boots_when_the_pool_allows() {
+    let free: u64 =
+        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+    if free < 32 {
+        eprintln!("skipping: only {free} free 2 MiB hugepages (scripts/setup.sh reserves 512)");
+        return;
+    }
+    let dir = SandboxDir::new();
+    let config = dir.probe_config(
+        "hello",
+        1,
+        "[memory]\nsize = \"64MiB\"\nhugepages = \"2M\"\nprefault = true\n",
+    );
+    let mut vmm = Vmm::start(&config);
+    let status = vmm.wait(BOOT_TIMEOUT);
+    let err = vmm.stderr.text();
+    assert!(status.success(), "{err}");
+    assert!(err.contains("2 MiB hugepages"), "{err}");
+    assert!(vmm.stdout.text().contains("keel-probe: ram_mib=63"));
+}

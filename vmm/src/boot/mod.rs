@@ -191,7 +191,8 @@ pub fn load(ram: &GuestRam, spec: &BootSpec<'_>) -> Result<BootEntry, BootError>
             (r, entry)
         }
     };
-    let kernel_end = result.kernel_load.0 + result.kernel_end;
+    // linux-loader reports the end as an absolute guest address.
+    let kernel_end = result.kernel_end;
 
     let initramfs = match spec.initramfs {
         Some(path) => Some(load_initramfs(
@@ -315,4 +316,139 @@ pub fn e820_map(ram: &GuestRam) -> Vec<E820Entry> {
         }
     }
     map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{HugePages, MemoryConfig};
+    use linux_loader::loader::bootparam::boot_params;
+    use std::io::Write;
+
+    fn ram() -> GuestRam {
+        match crate::memory::create(&MemoryConfig {
+            size_bytes: 32 << 20,
+            hugepages: HugePages::None,
+            numa_node: None,
+            prefault: false,
+        }) {
+            Ok(r) => r,
+            Err(e) => panic!("guest RAM: {e}"),
+        }
+    }
+
+    /// A minimal bzImage: one setup sector after the boot sector, then `payload`
+    /// as the protected-mode kernel.
+    fn bzimage(payload: &[u8]) -> Vec<u8> {
+        let mut img = vec![0u8; 1024];
+        img[0x1f1] = 1; // setup_sects
+        img[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        img[0x211] = 0x01; // loadflags: LOADED_HIGH
+        img[0x214..0x218].copy_from_slice(&0x0010_0000u32.to_le_bytes()); // code32_start
+        img[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
+        img[0x230..0x234].copy_from_slice(&0x0020_0000u32.to_le_bytes()); // kernel_alignment
+        img.extend_from_slice(payload);
+        img
+    }
+
+    fn temp_file(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = dir.path().join(name);
+        let mut f = File::create(&path).unwrap();
+        f.write_all(bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn bzimage_loads_at_1mib_with_64bit_entry_zero_page_and_initramfs() {
+        let dir = tempfile::tempdir().unwrap();
+        let payload: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        let kernel = temp_file(&dir, "bzImage", &bzimage(&payload));
+        let initrd = temp_file(&dir, "initrd", &[0x5a; 5000]);
+        let ram = ram();
+        let entry = load(
+            &ram,
+            &BootSpec {
+                kernel: &kernel,
+                initramfs: Some(&initrd),
+                cmdline: "console=ttyS0 quiet",
+                vcpus: 2,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            entry,
+            BootEntry {
+                protocol: BootProtocol::Linux64,
+                entry: 0x10_0200
+            }
+        );
+        let mem = ram.memory();
+        let mut loaded = vec![0u8; payload.len()];
+        mem.read_slice(&mut loaded, GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(loaded, payload);
+
+        let params: boot_params = mem.read_obj(GuestAddress(crate::layout::ZERO_PAGE_ADDR)).unwrap();
+        let hdr = params.hdr;
+        assert_eq!({ hdr.type_of_loader }, 0xff);
+        assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_ADDR as u32);
+        let mut cmdline = vec![0u8; 20];
+        mem.read_slice(&mut cmdline, GuestAddress(CMDLINE_ADDR)).unwrap();
+        assert_eq!(&cmdline[..19], b"console=ttyS0 quiet");
+        assert_eq!(cmdline[19], 0);
+        assert_eq!({ hdr.ramdisk_size }, 5000);
+        let rd = u64::from(hdr.ramdisk_image);
+        assert_eq!(rd % 4096, 0);
+        assert!(rd + 5000 <= 32 << 20);
+        let mut byte = [0u8; 1];
+        mem.read_slice(&mut byte, GuestAddress(rd + 4999)).unwrap();
+        assert_eq!(byte[0], 0x5a);
+        let entries = params.e820_entries;
+        assert_eq!(entries, 2);
+        let e1 = params.e820_table[1];
+        assert_eq!(({ e1.addr }, { e1.size }, { e1.r#type }), (0x10_0000, (32 << 20) - 0x10_0000, 1));
+    }
+
+    #[test]
+    fn garbage_and_truncated_kernels_are_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let ram = ram();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", vec![]),
+            ("text", b"hello, not a kernel".to_vec()),
+            ("elf-truncated", b"\x7fELF\x02\x01\x01".to_vec()),
+            ("bz-header-only", bzimage(&[])[..0x300].to_vec()),
+        ];
+        for (name, bytes) in cases {
+            let kernel = temp_file(&dir, name, &bytes);
+            let r = load(
+                &ram,
+                &BootSpec {
+                    kernel: &kernel,
+                    initramfs: None,
+                    cmdline: "",
+                    vcpus: 1,
+                },
+            );
+            assert!(r.is_err(), "{name} loaded");
+        }
+    }
+
+    #[test]
+    fn an_initramfs_too_big_for_low_memory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = temp_file(&dir, "bzImage", &bzimage(&[0x90; 512]));
+        let initrd = temp_file(&dir, "initrd", &vec![0u8; 33 << 20]);
+        let r = load(
+            &ram(),
+            &BootSpec {
+                kernel: &kernel,
+                initramfs: Some(&initrd),
+                cmdline: "",
+                vcpus: 1,
+            },
+        );
+        assert!(matches!(r, Err(BootError::InitramfsTooBig { .. })), "{r:?}");
+    }
 }

@@ -99,10 +99,16 @@ impl SandboxDir {
 
     /// Like [`Self::probe_config`] with a given guest ELF.
     pub fn probe_config_with(&self, elf: &Path, mode: &str, vcpus: u8, extra: &str) -> PathBuf {
+        // `extra` may bring its own [memory] table.
+        let memory = if extra.contains("[memory]") {
+            ""
+        } else {
+            "[memory]\nsize = \"64MiB\"\n"
+        };
         let body = format!(
             "name = \"test\"\n\
              [vcpus]\ncount = {vcpus}\n\
-             [memory]\nsize = \"64MiB\"\n\
+             {memory}\
              [boot]\nkernel = \"{}\"\ncmdline = \"console=ttyS0 reboot=k probe.mode={mode}\"\n\
              {extra}\n",
             elf.display()

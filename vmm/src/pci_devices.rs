@@ -1,0 +1,140 @@
+//! Wiring the sandbox's `[[disk]]` and `[[net]]` entries to virtio-pci devices backed
+//! by vhost-user: connect each backend, place its BAR in the 32-bit MMIO hole,
+//! attach MSI-X vectors and queue-notify ioeventfds, and put it on bus 0.
+
+use std::sync::{Arc, Mutex};
+
+use keel_devices::bus::{BusBuilder, BusError};
+use keel_devices::pci::root::{PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN};
+use keel_devices::pci::{BarAllocator, PciRoot};
+use keel_devices::vhost_user::blk::{BlkSettings, VhostUserBlk};
+use keel_devices::vhost_user::net::{NetSettings, VhostUserNet};
+use keel_devices::vhost_user::ConnectError;
+use keel_devices::virtio::pci::{VirtioPci, BAR0_SIZE};
+use keel_devices::virtio::VirtioDevice;
+use kvm_ioctls::{IoEventAddress, NoDatamatch};
+use log::info;
+use thiserror::Error;
+
+use crate::config::SandboxConfig;
+use crate::interrupts::{DeviceVectors, GsiRoutes, InterruptError};
+use crate::kvm::Vm;
+use crate::layout::{IOAPIC_ADDR, MMIO_HOLE_START};
+use crate::memory::GuestRam;
+
+/// Errors while creating PCI devices.
+#[derive(Debug, Error)]
+pub enum PciDeviceError {
+    /// A backend could not be reached or refused the handshake.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// MSI-X vectors could not be allocated.
+    #[error("device {id}: {source}")]
+    Interrupts {
+        /// Device id.
+        id: String,
+        /// The failure.
+        source: InterruptError,
+    },
+    /// The 32-bit MMIO hole or the PCI bus is full.
+    #[error("device {0}: no room left on PCI bus 0 or in the 32-bit MMIO hole")]
+    NoRoom(String),
+    /// The configuration space could not be built.
+    #[error("device {id}: {reason}")]
+    Config {
+        /// Device id.
+        id: String,
+        /// What failed.
+        reason: String,
+    },
+    /// KVM refused a queue-notify ioeventfd.
+    #[error("device {id}: cannot register the queue notification at {addr:#x}: {source}")]
+    IoEvent {
+        /// Device id.
+        id: String,
+        /// Guest address.
+        addr: u64,
+        /// The ioctl error.
+        source: kvm_ioctls::Error,
+    },
+    /// A BAR overlaps another device.
+    #[error("device bus: {0}")]
+    Bus(#[from] BusError),
+}
+
+/// Creates every configured PCI device and the conf1 host bridge.
+pub fn attach(
+    config: &SandboxConfig,
+    vm: &Vm,
+    ram: &GuestRam,
+    pio: &mut BusBuilder,
+    mmio: &mut BusBuilder,
+) -> Result<(), PciDeviceError> {
+    let routes = GsiRoutes::new(Arc::clone(&vm.fd));
+    let mut root = PciRoot::new();
+    let mut bars = BarAllocator::new(MMIO_HOLE_START, IOAPIC_ADDR);
+    let timeout = config.devices.connect_timeout;
+
+    let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+    for disk in &config.disk {
+        let blk = VhostUserBlk::connect(BlkSettings {
+            id: disk.id.clone(),
+            socket: disk.socket.clone(),
+            read_only: disk.read_only,
+            queues: disk.queues,
+            queue_size: disk.queue_size,
+            connect_timeout: timeout,
+        })?;
+        devices.push((disk.id.clone(), Box::new(blk)));
+    }
+    for nic in &config.net {
+        let net = VhostUserNet::connect(NetSettings {
+            id: nic.id.clone(),
+            socket: nic.socket.clone(),
+            mac: nic.mac,
+            queue_size: nic.queue_size,
+            connect_timeout: timeout,
+        })?;
+        devices.push((nic.id.clone(), Box::new(net)));
+    }
+
+    for (id, device) in devices {
+        // One vector for configuration changes plus one per queue.
+        let vectors = device.queue_max_sizes().len() + 1;
+        let router = DeviceVectors::new(&id, &routes, vectors).map_err(|source| {
+            PciDeviceError::Interrupts {
+                id: id.clone(),
+                source,
+            }
+        })?;
+        let bar = bars
+            .allocate(BAR0_SIZE)
+            .ok_or_else(|| PciDeviceError::NoRoom(id.clone()))?;
+        let pci = VirtioPci::new(id.clone(), device, router, ram.memory().clone(), bar as u32)
+            .map_err(|e| PciDeviceError::Config {
+                id: id.clone(),
+                reason: e.to_string(),
+            })?;
+        for (addr, fd) in pci.notify_eventfds() {
+            vm.fd
+                .register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+                .map_err(|source| PciDeviceError::IoEvent {
+                    id: id.clone(),
+                    addr,
+                    source,
+                })?;
+        }
+        let pci = Arc::new(Mutex::new(pci));
+        mmio.insert(bar, BAR0_SIZE, pci.clone())?;
+        let slot = root
+            .add(pci)
+            .ok_or_else(|| PciDeviceError::NoRoom(id.clone()))?;
+        info!("device {id}: PCI 00:{slot:02x}.0, BAR 0 at {bar:#x}");
+    }
+    pio.insert(
+        PCI_CONFIG_PORT,
+        PCI_CONFIG_PORT_LEN,
+        Arc::new(Mutex::new(root)),
+    )?;
+    Ok(())
+}
