@@ -25,7 +25,11 @@ impl Drop for Backend {
 fn wait_for_socket(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !path.exists() {
-        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
         thread::sleep(Duration::from_millis(50));
     }
 }
@@ -34,7 +38,10 @@ fn wait_for_socket(path: &Path) {
 fn qemu_storage_daemon(image: &Path, socket: &Path, writable: bool) -> Option<Backend> {
     let child = Command::new("qemu-storage-daemon")
         .arg("--blockdev")
-        .arg(format!("driver=file,node-name=f0,filename={}", image.display()))
+        .arg(format!(
+            "driver=file,node-name=f0,filename={}",
+            image.display()
+        ))
         .args(["--blockdev", "driver=raw,node-name=d0,file=f0", "--export"])
         .arg(format!(
             "type=vhost-user-blk,id=e0,addr.type=unix,addr.path={},node-name=d0,writable={}",
@@ -106,5 +113,8 @@ fn a_backend_that_appears_late_is_waited_for() {
     let status = vmm.wait(BOOT_TIMEOUT);
     let err = vmm.stderr.text();
     assert!(status.success(), "{err}");
-    assert!(err.contains("device disk0: virtio-blk, 2048 sectors"), "{err}");
+    assert!(
+        err.contains("device disk0: virtio-blk, 2048 sectors"),
+        "{err}"
+    );
 }

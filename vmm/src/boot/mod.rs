@@ -386,15 +386,19 @@ mod tests {
         );
         let mem = ram.memory();
         let mut loaded = vec![0u8; payload.len()];
-        mem.read_slice(&mut loaded, GuestAddress(0x10_0000)).unwrap();
+        mem.read_slice(&mut loaded, GuestAddress(0x10_0000))
+            .unwrap();
         assert_eq!(loaded, payload);
 
-        let params: boot_params = mem.read_obj(GuestAddress(crate::layout::ZERO_PAGE_ADDR)).unwrap();
+        let params: boot_params = mem
+            .read_obj(GuestAddress(crate::layout::ZERO_PAGE_ADDR))
+            .unwrap();
         let hdr = params.hdr;
         assert_eq!({ hdr.type_of_loader }, 0xff);
         assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_ADDR as u32);
         let mut cmdline = vec![0u8; 20];
-        mem.read_slice(&mut cmdline, GuestAddress(CMDLINE_ADDR)).unwrap();
+        mem.read_slice(&mut cmdline, GuestAddress(CMDLINE_ADDR))
+            .unwrap();
         assert_eq!(&cmdline[..19], b"console=ttyS0 quiet");
         assert_eq!(cmdline[19], 0);
         assert_eq!({ hdr.ramdisk_size }, 5000);
@@ -407,7 +411,10 @@ mod tests {
         let entries = params.e820_entries;
         assert_eq!(entries, 2);
         let e1 = params.e820_table[1];
-        assert_eq!(({ e1.addr }, { e1.size }, { e1.r#type }), (0x10_0000, (32 << 20) - 0x10_0000, 1));
+        assert_eq!(
+            ({ e1.addr }, { e1.size }, { e1.r#type }),
+            (0x10_0000, (32 << 20) - 0x10_0000, 1)
+        );
     }
 
     #[test]
