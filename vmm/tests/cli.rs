@@ -129,11 +129,12 @@ fn check_accepts_the_demo_and_reports_ok() {
 #[test]
 fn check_reports_an_empty_hugepage_pool_with_numbers() {
     let free: u64 =
-        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
-    let mib = (free + 32) * 2;
+    // More than the whole pool (other tests may use part of it concurrently).
+    let mib = (free + 4096) * 2;
     let dir = SandboxDir::new();
     boot_files(&dir);
     let config = dir.config(&format!(
@@ -142,7 +143,12 @@ fn check_reports_an_empty_hugepage_pool_with_numbers() {
     let out = keel(&["check", config.to_str().unwrap()]);
     let stderr = assert_one_clean_error(&out, "hugepages");
     assert!(stderr.contains(&format!("need {}", mib / 2)), "{stderr}");
-    assert!(stderr.contains(&format!("free {free}")), "{stderr}");
+    let free_now = stderr
+        .split("free ")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(free_now.is_some_and(|f| f <= free), "{stderr}");
 }
 
 #[test]
