@@ -8,8 +8,10 @@
 //!
 //! Module layout: `entry` (assembly entry points), `boot` (zero page / PVH
 //! start info), `serial`, `cmdline`, `cpu`, `mptable`, `modes`, `power`, plus the
-//! low-level `port` and `phys` helpers. PCI and virtio drivers will sit next to
-//! these as `pci` and `virtio` modules and get their own modes.
+//! low-level `port`, `phys` and `mmio` helpers. The device modes (`pci`,
+//! `virtio`, `blk`, `net`) use `interrupts` (GDT, IDT, LAPIC), `pci` (conf1
+//! enumeration, BARs, MSI-X) and `virtio` (modern virtio-pci transport, split
+//! virtqueues, virtio-blk and virtio-net test drivers).
 
 #![no_std]
 #![no_main]
@@ -22,11 +24,15 @@ mod boot;
 mod cmdline;
 mod cpu;
 mod entry;
+mod interrupts;
+mod mmio;
 mod modes;
 mod mptable;
+mod pci;
 mod phys;
 mod port;
 mod power;
+mod virtio;
 
 use core::panic::PanicInfo;
 

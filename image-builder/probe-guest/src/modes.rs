@@ -10,6 +10,10 @@ const MODE_KEY: &[u8] = b"probe.mode";
 /// Command line key that gives the TSC frequency in kHz (for `spin`), when
 /// CPUID does not report it.
 const TSC_KHZ_KEY: &[u8] = b"probe.tsc_khz";
+/// Command line key that gives the device test timeout in milliseconds.
+const TIMEOUT_KEY: &[u8] = b"probe.timeout_ms";
+/// Default device test timeout (one request; the wait for network replies).
+const TIMEOUT_MS_DEFAULT: u64 = 2000;
 /// Longest echoed line; longer lines are cut to this length.
 const LINE_MAX: usize = 256;
 /// Interval between two `tick` lines in spin mode, in milliseconds.
@@ -34,6 +38,8 @@ pub enum Mode<'a> {
     Panic,
     /// Access an unhandled I/O port, then as `Hello`.
     BadPort,
+    /// PCI enumeration and virtio device tests, then power off.
+    Devices(Devices),
     /// Anything else: reported, then power off.
     Unknown(&'a [u8]),
 }
@@ -52,9 +58,39 @@ impl<'a> Mode<'a> {
             Some(b"fault") => Self::Fault,
             Some(b"badport") => Self::BadPort,
             Some(b"panic") => Self::Panic,
+            Some(name @ (b"pci" | b"virtio" | b"blk" | b"net")) => {
+                let tsc_khz = crate::cmdline::value(cmdline, TSC_KHZ_KEY)
+                    .and_then(crate::cmdline::parse_u64)
+                    .filter(|&khz| khz != 0);
+                let timeout_ms = crate::cmdline::value(cmdline, TIMEOUT_KEY)
+                    .and_then(crate::cmdline::parse_u64)
+                    .filter(|&ms| ms != 0)
+                    .unwrap_or(TIMEOUT_MS_DEFAULT);
+                Self::Devices(Devices {
+                    pci_only: name == b"pci",
+                    blk: matches!(name, b"virtio" | b"blk"),
+                    net: matches!(name, b"virtio" | b"net"),
+                    tsc_khz,
+                    timeout_ms,
+                })
+            }
             Some(other) => Self::Unknown(other),
         }
     }
+}
+
+/// What the device modes (`pci`, `virtio`, `blk`, `net`) do.
+pub struct Devices {
+    /// Only enumerate PCI (`probe.mode=pci`).
+    pub pci_only: bool,
+    /// Test virtio-blk.
+    pub blk: bool,
+    /// Test virtio-net.
+    pub net: bool,
+    /// TSC frequency from `probe.tsc_khz=`, for the timeouts.
+    pub tsc_khz: Option<u64>,
+    /// Timeout from `probe.timeout_ms=`.
+    pub timeout_ms: u64,
 }
 
 /// Runs `mode`; every mode ends in a power-off, a triple fault or runs forever.
@@ -70,6 +106,10 @@ pub fn run(out: &mut Serial, mode: Mode<'_>) -> ! {
         Mode::Panic => panic!("requested by probe.mode=panic"),
         Mode::BadPort => {
             badport(out);
+            power::power_off(out)
+        }
+        Mode::Devices(devices) => {
+            crate::virtio::run_mode(out, &devices);
             power::power_off(out)
         }
         Mode::Unknown(name) => {

@@ -32,6 +32,62 @@ pub unsafe fn inb(port: u16) -> u8 {
     value
 }
 
+/// Writes a 16-bit word to I/O port `port`.
+///
+/// # Safety
+///
+/// As for [`outb`].
+#[inline]
+pub unsafe fn outw(port: u16, value: u16) {
+    // SAFETY: `out` touches no memory; the device effect is the caller's contract.
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags));
+    }
+}
+
+/// Reads a 16-bit word from I/O port `port`.
+///
+/// # Safety
+///
+/// As for [`inb`].
+#[inline]
+pub unsafe fn inw(port: u16) -> u16 {
+    let value: u16;
+    // SAFETY: `in` touches no memory; the device effect is the caller's contract.
+    unsafe {
+        asm!("in ax, dx", in("dx") port, out("ax") value, options(nomem, nostack, preserves_flags));
+    }
+    value
+}
+
+/// Writes a 32-bit double word to I/O port `port`.
+///
+/// # Safety
+///
+/// As for [`outb`].
+#[inline]
+pub unsafe fn outl(port: u16, value: u32) {
+    // SAFETY: `out` touches no memory; the device effect is the caller's contract.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags));
+    }
+}
+
+/// Reads a 32-bit double word from I/O port `port`.
+///
+/// # Safety
+///
+/// As for [`inb`].
+#[inline]
+pub unsafe fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: `in` touches no memory; the device effect is the caller's contract.
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags));
+    }
+    value
+}
+
 /// keel's debug port: the VMM timestamps every byte written here.
 pub const DEBUG_PORT: u16 = 0xe9;
 
