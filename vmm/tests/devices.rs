@@ -118,3 +118,164 @@ fn a_backend_that_appears_late_is_waited_for() {
         "{err}"
     );
 }
+
+const SECTOR: usize = 512;
+
+/// Checks that sector `sector` of `image` holds the probe's pattern (tag, sector
+/// number, run nonce, then a sequence derived from them).
+fn assert_probe_pattern(image: &[u8], sector: u64) {
+    let s = &image[sector as usize * SECTOR..(sector as usize + 1) * SECTOR];
+    assert_eq!(&s[..8], b"KEELPROB", "sector {sector} has no pattern tag");
+    assert_eq!(u64::from_le_bytes(s[8..16].try_into().unwrap()), sector);
+    let nonce = u32::from_le_bytes(s[16..20].try_into().unwrap());
+    for (i, b) in s.iter().enumerate().skip(20) {
+        let want = (sector as u32)
+            .wrapping_mul(31)
+            .wrapping_add((i as u32).wrapping_mul(7))
+            .wrapping_add(nonce) as u8;
+        assert_eq!(*b, want, "sector {sector} byte {i}");
+    }
+}
+
+#[test]
+fn guest_writes_reach_the_disk_image_through_qemu_storage_daemon() {
+    let dir = SandboxDir::new();
+    let image = dir.path("disk.img");
+    let sectors = 2048u64;
+    std::fs::write(&image, vec![0u8; sectors as usize * SECTOR]).unwrap();
+    let socket = dir.path("blk.sock");
+    let Some(_qsd) = qemu_storage_daemon(&image, &socket, true) else {
+        return;
+    };
+    let config = disk_config(&dir, "blk", &socket, "");
+    let mut vmm = Vmm::start(&config);
+    let status = vmm.wait(BOOT_TIMEOUT);
+    let out = vmm.stdout.text();
+    assert!(status.success(), "{out}\n{}", vmm.stderr.text());
+    assert!(
+        out.contains("keel-probe: pci 00:01.0 vendor=1af4 device=1042"),
+        "{out}"
+    );
+    assert!(out.contains("keel-probe: virtio-blk reinit ok"), "{out}");
+    assert!(
+        out.contains(&format!("keel-probe: virtio-blk capacity={sectors} ro=0")),
+        "{out}"
+    );
+    assert!(out.contains("keel-probe: virtio-blk pattern ok"), "{out}");
+    assert!(out.contains("keel-probe: virtio done blk=ok"), "{out}");
+    // The data is really in the image, where the guest put it.
+    let bytes = std::fs::read(&image).unwrap();
+    for sector in (0..8).chain([sectors - 1]) {
+        assert_probe_pattern(&bytes, sector);
+    }
+    assert!(
+        bytes[8 * SECTOR..16 * SECTOR].iter().all(|&b| b == 0),
+        "stray writes"
+    );
+}
+
+#[test]
+fn a_read_only_disk_rejects_guest_writes() {
+    let dir = SandboxDir::new();
+    let image = dir.path("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let socket = dir.path("blk.sock");
+    let Some(_qsd) = qemu_storage_daemon(&image, &socket, false) else {
+        return;
+    };
+    let config = disk_config(&dir, "blk", &socket, "read_only = true\n");
+    let mut vmm = Vmm::start(&config);
+    let status = vmm.wait(BOOT_TIMEOUT);
+    let out = vmm.stdout.text();
+    assert!(status.success(), "{out}\n{}", vmm.stderr.text());
+    assert!(out.contains("ro=1"), "{out}");
+    assert!(
+        out.contains("keel-probe: virtio-blk ro write rejected"),
+        "{out}"
+    );
+    assert!(std::fs::read(&image).unwrap().iter().all(|&b| b == 0));
+}
+
+/// DPDK testpmd serving a vhost-user socket with its net_vhost PMD and echoing
+/// every frame back with MACs swapped.
+fn testpmd_macswap(socket: &Path) -> Option<Backend> {
+    let child = Command::new("dpdk-testpmd")
+        .args([
+            "--lcores=0@0,1@0",
+            "-n",
+            "1",
+            "--no-pci",
+            // No hugepage files at all, so a killed testpmd leaves nothing behind
+            // in /dev/hugepages (the vhost PMD maps the guest's memory, not its own).
+            "--in-memory",
+            "-m",
+            "256",
+        ])
+        .arg("--vdev")
+        .arg(format!("net_vhost0,iface={},queues=1", socket.display()))
+        .args([
+            "--",
+            "--forward-mode=macswap",
+            "--auto-start",
+            "--stats-period=1",
+            "--no-mlockall",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    match child {
+        Ok(c) => {
+            let backend = Backend(c);
+            wait_for_socket(socket);
+            Some(backend)
+        }
+        Err(e) => {
+            eprintln!("skipping: dpdk-testpmd is not available ({e}); run scripts/setup.sh");
+            None
+        }
+    }
+}
+
+#[test]
+fn frames_echo_through_dpdk_testpmd_and_both_devices_work_together() {
+    let dir = SandboxDir::new();
+    let net_sock = dir.path("net.sock");
+    let Some(_pmd) = testpmd_macswap(&net_sock) else {
+        return;
+    };
+    let image = dir.path("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let blk_sock = dir.path("blk.sock");
+    let Some(_qsd) = qemu_storage_daemon(&image, &blk_sock, true) else {
+        return;
+    };
+    let config = dir.probe_config(
+        "virtio",
+        1,
+        &format!(
+            "[devices]\nconnect_timeout = \"20s\"\n\
+             [[disk]]\nid = \"disk0\"\nsocket = \"{}\"\n\
+             [[net]]\nid = \"net0\"\nsocket = \"{}\"\nmac = \"52:54:00:12:34:56\"\n",
+            blk_sock.display(),
+            net_sock.display()
+        ),
+    );
+    let mut vmm = Vmm::start(&config);
+    let status = vmm.wait(BOOT_TIMEOUT);
+    let out = vmm.stdout.text();
+    assert!(status.success(), "{out}\n{}", vmm.stderr.text());
+    assert!(
+        out.contains("keel-probe: virtio-net mac=52:54:00:12:34:56 link=up"),
+        "{out}"
+    );
+    assert!(
+        out.contains("keel-probe: virtio-net echo ok count=4"),
+        "{out}"
+    );
+    assert!(
+        out.contains("keel-probe: virtio done blk=ok net=ok"),
+        "{out}"
+    );
+    assert_probe_pattern(&std::fs::read(&image).unwrap(), 0);
+}

@@ -145,7 +145,7 @@ impl VirtioPci {
         let device_type = device.device_type();
         let class = match device_type {
             super::TYPE_NET => [0x02, 0x00, 0x00],
-            super::TYPE_BLOCK => [0x01, 0x80, 0x00],
+            super::TYPE_BLOCK => [0x01, 0x00, 0x00],
             _ => [0xff, 0x00, 0x00],
         };
         let mut config = PciConfig::new(PciIds {
