@@ -8,3 +8,6 @@ pub mod engine;
 pub mod request;
 pub mod server;
 pub mod worker;
+
+#[cfg(test)]
+mod hostile_tests;

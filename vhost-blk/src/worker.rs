@@ -3,6 +3,8 @@
 //! Works on a plain [`virtio_queue::Queue`], so the same code runs under the
 //! vhost-user backend and in unit tests with a mock queue.
 
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use log::warn;
@@ -83,8 +85,19 @@ impl QueueWorker {
             if !q.enable_notification(&**mem)? {
                 break;
             }
+            if self.ring_is_broken(q, mem)? {
+                // The driver published more entries than the queue holds: nothing can be
+                // popped, so stop instead of spinning until the frontend resets the ring.
+                warn!("avail index is more than the queue size ahead; ignoring the queue");
+                break;
+            }
         }
         Ok(used)
+    }
+
+    fn ring_is_broken(&self, q: &Queue, mem: &GuestMemoryMmap) -> Result<bool, WorkerError> {
+        let avail = q.avail_idx(mem, Ordering::Acquire)?;
+        Ok((avail - Wrapping(q.next_avail())).0 > q.size())
     }
 
     /// Puts finished requests on the used ring. Returns how many.
