@@ -15,6 +15,7 @@ use keel_devices::legacy::debug_port::{DebugPort, DebugPortLog, DEBUG_PORT};
 use keel_devices::legacy::i8042::{ResetDevice, I8042_BASE, I8042_LEN};
 use keel_devices::legacy::serial::{SerialDevice, SerialInputSpace};
 use keel_devices::trigger::EventFdTrigger;
+use keel_devices::virtio::pci::VirtioPci;
 use log::{info, warn};
 use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -180,6 +181,7 @@ struct Prepared {
     reset_fd: EventFd,
     debug_log: Arc<DebugPortLog>,
     listener: Option<UnixListener>,
+    backends: Vec<Arc<Mutex<VirtioPci>>>,
 }
 
 fn prepare(
@@ -236,7 +238,7 @@ fn prepare(
         Arc::new(Mutex::new(DebugPort::new(Arc::clone(&debug_log)))),
     )?;
     let mut mmio = BusBuilder::new();
-    pci_devices::attach(config, vm, ram, &mut pio, &mut mmio)?;
+    let backends = pci_devices::attach(config, vm, ram, &mut pio, &mut mmio)?;
     let buses = Buses {
         pio: Arc::new(pio.build()),
         mmio: Arc::new(mmio.build()),
@@ -262,6 +264,7 @@ fn prepare(
         reset_fd,
         debug_log,
         listener,
+        backends,
     })
 }
 
@@ -280,6 +283,7 @@ fn launch(
         reset_fd,
         debug_log,
         listener,
+        backends,
     } = prepared;
     let _socket_guard = SocketFileGuard(listener.as_ref().and(config.control.socket.clone()));
     let (tx, rx) = mpsc::channel();
@@ -326,6 +330,7 @@ fn launch(
         signals,
         serial_input,
         listener,
+        backends,
     })));
     let reason = drive(&event_loop);
     crate::notify::notify("STOPPING=1\nSTATUS=stopping");

@@ -12,10 +12,12 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use keel_devices::legacy::serial::SerialDevice;
+use keel_devices::virtio::pci::VirtioPci;
 use log::{debug, error, info, warn};
 use serde_json::json;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::backends::{BackendWatch, TOKEN_RECONNECT_TIMER};
 use crate::control::{Connection, Input, Reply, Request};
 use crate::signals::{signal_name, StopSignals};
 use crate::vcpu::{VcpuEvent, VcpuThreads};
@@ -94,6 +96,7 @@ pub struct EventLoop {
     next_token: u32,
     exit: Option<ExitReason>,
     watchdog: Option<crate::notify::Watchdog>,
+    backends: BackendWatch,
 }
 
 /// Parts the event loop is built from.
@@ -114,6 +117,8 @@ pub struct EventLoopParts {
     pub serial_input: Option<SerialInput>,
     /// The bound control socket, when configured.
     pub listener: Option<UnixListener>,
+    /// Devices served by vhost-user backends (watched for disconnects).
+    pub backends: Vec<Arc<Mutex<VirtioPci>>>,
 }
 
 impl EventLoop {
@@ -136,6 +141,7 @@ impl EventLoop {
             next_token: FIRST_CONNECTION_TOKEN,
             exit: None,
             watchdog: crate::notify::Watchdog::from_env(),
+            backends: BackendWatch::new(parts.backends),
         }
     }
 
@@ -284,7 +290,13 @@ impl EventLoop {
                         }
                     };
                     let token = self.next_token;
-                    self.next_token = self.next_token.wrapping_add(1).max(FIRST_CONNECTION_TOKEN);
+                    // Connection tokens stay below the backend-socket tokens.
+                    self.next_token = if self.next_token + 1 >= crate::backends::FIRST_BACKEND_TOKEN
+                    {
+                        FIRST_CONNECTION_TOKEN
+                    } else {
+                        self.next_token + 1
+                    };
                     let events = Events::with_data(conn.stream(), token, EventSet::IN);
                     if let Err(e) = ops.add(events) {
                         warn!("control: cannot watch a connection: {e:?}");
@@ -417,6 +429,8 @@ impl MutEventSubscriber for EventLoop {
             TOKEN_STDIN => self.handle_stdin(set, ops),
             TOKEN_INPUT_SPACE => self.handle_input_space(ops),
             TOKEN_CONTROL_LISTENER => self.handle_accept(ops),
+            TOKEN_RECONNECT_TIMER => self.backends.handle_timer(ops),
+            token if BackendWatch::owns(token) => self.backends.handle_hangup(token, set, ops),
             TOKEN_WATCHDOG => {
                 if let Some(w) = &mut self.watchdog {
                     w.fire();
@@ -428,6 +442,7 @@ impl MutEventSubscriber for EventLoop {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
+        self.backends.init(ops);
         let fixed = [
             Events::with_data(&self.reset, TOKEN_RESET, EventSet::IN),
             Events::with_data(self.vcpu_wake.as_ref(), TOKEN_VCPU_EVENT, EventSet::IN),

@@ -4,6 +4,7 @@
 //! integration tests and tools can use it.
 
 pub mod affinity;
+pub mod backends;
 pub mod boot;
 pub mod builder;
 pub mod config;

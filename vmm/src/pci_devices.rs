@@ -62,14 +62,16 @@ pub enum PciDeviceError {
     Bus(#[from] BusError),
 }
 
-/// Creates every configured PCI device and the conf1 host bridge.
+/// Creates every configured PCI device and the conf1 host bridge; returns the
+/// devices, whose backends the event loop watches.
 pub fn attach(
     config: &SandboxConfig,
     vm: &Vm,
     ram: &GuestRam,
     pio: &mut BusBuilder,
     mmio: &mut BusBuilder,
-) -> Result<(), PciDeviceError> {
+) -> Result<Vec<Arc<Mutex<VirtioPci>>>, PciDeviceError> {
+    let mut attached = Vec::new();
     let routes = GsiRoutes::new(Arc::clone(&vm.fd));
     let mut root = PciRoot::new();
     let mut bars = BarAllocator::new(MMIO_HOLE_START, IOAPIC_ADDR);
@@ -126,6 +128,7 @@ pub fn attach(
         }
         let pci = Arc::new(Mutex::new(pci));
         mmio.insert(bar, BAR0_SIZE, pci.clone())?;
+        attached.push(Arc::clone(&pci));
         let slot = root
             .add(pci)
             .ok_or_else(|| PciDeviceError::NoRoom(id.clone()))?;
@@ -136,5 +139,5 @@ pub fn attach(
         PCI_CONFIG_PORT_LEN,
         Arc::new(Mutex::new(root)),
     )?;
-    Ok(())
+    Ok(attached)
 }

@@ -279,3 +279,46 @@ fn frames_echo_through_dpdk_testpmd_and_both_devices_work_together() {
     );
     assert_probe_pattern(&std::fs::read(&image).unwrap(), 0);
 }
+
+#[test]
+fn disk_io_survives_a_backend_crash_and_restart() {
+    let dir = SandboxDir::new();
+    let image = dir.path("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let socket = dir.path("blk.sock");
+    let Some(mut qsd) = qemu_storage_daemon(&image, &socket, true) else {
+        return;
+    };
+    let config = dir.probe_config(
+        "blk probe.rounds=60 probe.timeout_ms=20000",
+        1,
+        &format!(
+            "[devices]\nconnect_timeout = \"10s\"\n[[disk]]\nid = \"disk0\"\nsocket = \"{}\"\n",
+            socket.display()
+        ),
+    );
+    let mut vmm = Vmm::start(&config);
+    vmm.stdout
+        .wait_for("keel-probe: virtio-blk round 3 ok", BOOT_TIMEOUT);
+    // Crash the backend mid-workload, then bring a new one up on the same socket.
+    let _ = qsd.0.kill();
+    let _ = qsd.0.wait();
+    vmm.stderr.wait_for(
+        "device disk0: backend disconnected",
+        Duration::from_secs(30),
+    );
+    let _ = std::fs::remove_file(&socket);
+    thread::sleep(Duration::from_millis(300));
+    let Some(_qsd2) = qemu_storage_daemon(&image, &socket, true) else {
+        return;
+    };
+    let status = vmm.wait(BOOT_TIMEOUT);
+    let out = vmm.stdout.text();
+    let err = vmm.stderr.text();
+    assert!(status.success(), "{out}\n{err}");
+    assert!(err.contains("device disk0: backend is back"), "{err}");
+    assert!(out.contains("keel-probe: virtio-blk round 60 ok"), "{out}");
+    assert!(!out.contains("round") || !out.contains(" fail"), "{out}");
+    assert!(out.contains("keel-probe: virtio done blk=ok"), "{out}");
+    assert_probe_pattern(&std::fs::read(&image).unwrap(), 0);
+}

@@ -12,7 +12,7 @@ use thiserror::Error;
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::pci::msix::VectorRouter;
@@ -58,9 +58,62 @@ pub struct VhostUserConnection {
     backend_features: u64,
     protocol: VhostUserProtocolFeatures,
     backend_queues: Option<u64>,
-    /// Call eventfds for queues without an MSI-X vector (nobody reads them).
-    spare_calls: Vec<EventFd>,
+    max_queues: u64,
     started: Vec<usize>,
+    /// What was started, to replay on a new connection after a backend restart.
+    replay: Option<Replay>,
+}
+
+/// The state a restarted backend needs to continue where the old one stopped.
+struct Replay {
+    mem: GuestMemoryMmap,
+    features: u64,
+    queues: Vec<QueueSetup>,
+    calls: Vec<EventFd>,
+}
+
+/// Outcome of a handshake on a fresh socket.
+struct Negotiated {
+    frontend: Frontend,
+    backend_features: u64,
+    protocol: VhostUserProtocolFeatures,
+    backend_queues: Option<u64>,
+}
+
+fn handshake(id: &str, socket: &Path, frontend: Frontend) -> Result<Negotiated, ConnectError> {
+    let fail = |step: &'static str| {
+        let id = id.to_owned();
+        let socket = socket.to_path_buf();
+        move |e: vhost::Error| ConnectError::Handshake {
+            id,
+            socket,
+            step,
+            reason: e.to_string(),
+        }
+    };
+    let mut frontend = frontend;
+    frontend.set_owner().map_err(fail("SET_OWNER"))?;
+    let backend_features = frontend.get_features().map_err(fail("GET_FEATURES"))?;
+    let mut protocol = VhostUserProtocolFeatures::empty();
+    let mut backend_queues = None;
+    if backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
+        let offered = frontend
+            .get_protocol_features()
+            .map_err(fail("GET_PROTOCOL_FEATURES"))?;
+        protocol = offered & wanted_protocol_features();
+        frontend
+            .set_protocol_features(protocol)
+            .map_err(fail("SET_PROTOCOL_FEATURES"))?;
+        if protocol.contains(VhostUserProtocolFeatures::MQ) {
+            backend_queues = Some(frontend.get_queue_num().map_err(fail("GET_QUEUE_NUM"))?);
+        }
+    }
+    Ok(Negotiated {
+        frontend,
+        backend_features,
+        protocol,
+        backend_queues,
+    })
 }
 
 /// Protocol features keel uses when the backend offers them.
@@ -95,33 +148,12 @@ impl VhostUserConnection {
                 }
             }
         };
-        let fail = |step: &'static str| {
-            let id = id.to_owned();
-            let socket = socket.to_path_buf();
-            move |e: vhost::Error| ConnectError::Handshake {
-                id,
-                socket,
-                step,
-                reason: e.to_string(),
-            }
-        };
-        let mut frontend = frontend;
-        frontend.set_owner().map_err(fail("SET_OWNER"))?;
-        let backend_features = frontend.get_features().map_err(fail("GET_FEATURES"))?;
-        let mut protocol = VhostUserProtocolFeatures::empty();
-        let mut backend_queues = None;
-        if backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
-            let offered = frontend
-                .get_protocol_features()
-                .map_err(fail("GET_PROTOCOL_FEATURES"))?;
-            protocol = offered & wanted_protocol_features();
-            frontend
-                .set_protocol_features(protocol)
-                .map_err(fail("SET_PROTOCOL_FEATURES"))?;
-            if protocol.contains(VhostUserProtocolFeatures::MQ) {
-                backend_queues = Some(frontend.get_queue_num().map_err(fail("GET_QUEUE_NUM"))?);
-            }
-        }
+        let Negotiated {
+            frontend,
+            backend_features,
+            protocol,
+            backend_queues,
+        } = handshake(id, socket, frontend)?;
         info!(
             "device {id}: connected to {} (features {backend_features:#x}, protocol {:?}, queues {backend_queues:?})",
             socket.display(),
@@ -134,9 +166,83 @@ impl VhostUserConnection {
             backend_features,
             protocol,
             backend_queues,
-            spare_calls: Vec::new(),
+            max_queues,
             started: Vec::new(),
+            replay: None,
         })
+    }
+
+    /// The socket of the current connection (watched for hang-ups).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.frontend.as_raw_fd()
+    }
+
+    /// One attempt to connect to a restarted backend and bring it to the state the
+    /// old one had: same features, memory table, and rings continuing from the
+    /// used index the old backend last published.
+    pub fn reconnect(&mut self) -> Result<(), ConnectError> {
+        let frontend = Frontend::connect(&self.socket, self.max_queues).map_err(|e| {
+            ConnectError::Timeout {
+                id: self.id.clone(),
+                socket: self.socket.clone(),
+                waited: Duration::ZERO,
+                last: e.to_string(),
+            }
+        })?;
+        let n = handshake(&self.id, &self.socket, frontend)?;
+        let needed = self
+            .replay
+            .as_ref()
+            .map_or(0, |r| r.features & !VHOST_USER_F_PROTOCOL_FEATURES);
+        let missing = needed & !n.backend_features;
+        if missing != 0 {
+            return Err(ConnectError::Handshake {
+                id: self.id.clone(),
+                socket: self.socket.clone(),
+                step: "GET_FEATURES",
+                reason: format!("the new backend lacks negotiated features {missing:#x}"),
+            });
+        }
+        self.frontend = n.frontend;
+        self.backend_features = n.backend_features;
+        self.protocol = n.protocol;
+        self.backend_queues = n.backend_queues;
+        self.started.clear();
+        if let Some(replay) = self.replay.take() {
+            let result = self.replay_rings(&replay);
+            self.replay = Some(replay);
+            result.map_err(|e| ConnectError::Handshake {
+                id: self.id.clone(),
+                socket: self.socket.clone(),
+                step: "replay",
+                reason: e.to_string(),
+            })?;
+        }
+        info!(
+            "device {}: reconnected to {}",
+            self.id,
+            self.socket.display()
+        );
+        Ok(())
+    }
+
+    fn replay_rings(&mut self, replay: &Replay) -> Result<(), DeviceError> {
+        let mut bases = Vec::with_capacity(replay.queues.len());
+        for q in &replay.queues {
+            // The used index is what the guest has seen completed; the backend
+            // continues from there (requests it took but never completed are
+            // processed again).
+            let used_idx: u16 = replay
+                .mem
+                .read_obj(GuestAddress(q.used.wrapping_add(2)))
+                .map_err(|e| DeviceError::BadQueue {
+                    queue: q.index,
+                    reason: format!("cannot read the used index: {e}"),
+                })?;
+            bases.push(used_idx);
+        }
+        let calls: Vec<&EventFd> = replay.calls.iter().collect();
+        self.program(&replay.mem, replay.features, &replay.queues, &calls, &bases)
     }
 
     /// virtio feature bits the backend offers (without the vhost-user bit).
@@ -179,6 +285,52 @@ impl VhostUserConnection {
         queues: &[QueueSetup],
         router: &Arc<dyn VectorRouter>,
     ) -> Result<(), DeviceError> {
+        let mut calls = Vec::with_capacity(queues.len());
+        let mut kicks = Vec::with_capacity(queues.len());
+        for q in queues {
+            let call = match (q.vector != NO_VECTOR)
+                .then(|| router.eventfd(usize::from(q.vector)))
+                .flatten()
+            {
+                Some(fd) => fd.try_clone(),
+                None => EventFd::new(EFD_NONBLOCK),
+            }
+            .map_err(|e| self.backend_error(&format!("queue {}: call eventfd", q.index), e))?;
+            calls.push(call);
+            let kick = q
+                .kick
+                .try_clone()
+                .map_err(|e| self.backend_error(&format!("queue {}: kick eventfd", q.index), e))?;
+            kicks.push(QueueSetup {
+                index: q.index,
+                size: q.size,
+                desc: q.desc,
+                avail: q.avail,
+                used: q.used,
+                kick,
+                vector: q.vector,
+            });
+        }
+        let refs: Vec<&EventFd> = calls.iter().collect();
+        let bases = vec![0u16; queues.len()];
+        self.program(mem, features, queues, &refs, &bases)?;
+        self.replay = Some(Replay {
+            mem: mem.clone(),
+            features,
+            queues: kicks,
+            calls,
+        });
+        Ok(())
+    }
+
+    fn program(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        features: u64,
+        queues: &[QueueSetup],
+        calls: &[&EventFd],
+        bases: &[u16],
+    ) -> Result<(), DeviceError> {
         let protocol_bit = self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES;
         self.frontend
             .set_features(features | protocol_bit)
@@ -192,8 +344,7 @@ impl VhostUserConnection {
         self.frontend
             .set_mem_table(&regions)
             .map_err(|e| self.backend_error("SET_MEM_TABLE", e))?;
-        self.spare_calls.clear();
-        for q in queues {
+        for ((q, call), base) in queues.iter().zip(calls).zip(bases) {
             let host = |addr: u64| -> Result<u64, DeviceError> {
                 mem.get_host_address(GuestAddress(addr))
                     .map(|p| p as u64)
@@ -219,20 +370,11 @@ impl VhostUserConnection {
                 .set_vring_addr(q.index, &config)
                 .map_err(|e| self.backend_error(&step("SET_VRING_ADDR"), e))?;
             self.frontend
-                .set_vring_base(q.index, 0)
+                .set_vring_base(q.index, *base)
                 .map_err(|e| self.backend_error(&step("SET_VRING_BASE"), e))?;
-            let call = match (q.vector != NO_VECTOR)
-                .then(|| router.eventfd(usize::from(q.vector)))
-                .flatten()
-            {
-                Some(fd) => fd.try_clone(),
-                None => EventFd::new(EFD_NONBLOCK),
-            }
-            .map_err(|e| self.backend_error(&step("call eventfd"), e))?;
             self.frontend
-                .set_vring_call(q.index, &call)
+                .set_vring_call(q.index, call)
                 .map_err(|e| self.backend_error(&step("SET_VRING_CALL"), e))?;
-            self.spare_calls.push(call);
             self.frontend
                 .set_vring_kick(q.index, &q.kick)
                 .map_err(|e| self.backend_error(&step("SET_VRING_KICK"), e))?;
@@ -241,8 +383,11 @@ impl VhostUserConnection {
                     .set_vring_enable(q.index, true)
                     .map_err(|e| self.backend_error(&step("SET_VRING_ENABLE"), e))?;
             }
+            // Kick once: requests the guest queued while no backend listened must
+            // not wait for the guest's next notification.
+            let _ = q.kick.write(1);
             debug!(
-                "device {}: queue {} started (size {}, kick fd {})",
+                "device {}: queue {} started (size {}, base {base}, kick fd {})",
                 self.id,
                 q.index,
                 q.size,
@@ -267,6 +412,6 @@ impl VhostUserConnection {
                 debug!("device {}: queue {index}: GET_VRING_BASE: {e}", self.id);
             }
         }
-        self.spare_calls.clear();
+        self.replay = None;
     }
 }

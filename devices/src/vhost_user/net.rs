@@ -147,4 +147,12 @@ impl VirtioDevice for VhostUserNet {
     fn reset(&mut self) {
         self.conn.stop();
     }
+
+    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.conn.raw_fd())
+    }
+
+    fn reconnect_backend(&mut self) -> Result<(), String> {
+        self.conn.reconnect().map_err(|e| e.to_string())
+    }
 }

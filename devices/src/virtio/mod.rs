@@ -76,4 +76,12 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), DeviceError>;
     /// Stops the data plane (driver reset).
     fn reset(&mut self);
+    /// The socket of an out-of-process backend, watched for hang-ups.
+    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// One attempt to reconnect a restarted backend and restore its state.
+    fn reconnect_backend(&mut self) -> Result<(), String> {
+        Err("this device has no backend to reconnect".to_owned())
+    }
 }

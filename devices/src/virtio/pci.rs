@@ -227,6 +227,22 @@ impl VirtioPci {
             .collect()
     }
 
+    /// The backend socket to watch for hang-ups, if the device has one.
+    pub fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.device.backend_fd()
+    }
+
+    /// Tries once to reconnect a restarted backend (see
+    /// [`VirtioDevice::reconnect_backend`]).
+    pub fn reconnect_backend(&mut self) -> Result<(), String> {
+        self.device.reconnect_backend()
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Current device status.
     pub fn status(&self) -> u8 {
         self.status

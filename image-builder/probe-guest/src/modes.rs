@@ -12,6 +12,7 @@ const MODE_KEY: &[u8] = b"probe.mode";
 const TSC_KHZ_KEY: &[u8] = b"probe.tsc_khz";
 /// Command line key that gives the device test timeout in milliseconds.
 const TIMEOUT_KEY: &[u8] = b"probe.timeout_ms";
+const ROUNDS_KEY: &[u8] = b"probe.rounds";
 /// Default device test timeout (one request; the wait for network replies).
 const TIMEOUT_MS_DEFAULT: u64 = 2000;
 /// Longest echoed line; longer lines are cut to this length.
@@ -66,7 +67,12 @@ impl<'a> Mode<'a> {
                     .and_then(crate::cmdline::parse_u64)
                     .filter(|&ms| ms != 0)
                     .unwrap_or(TIMEOUT_MS_DEFAULT);
+                let rounds = crate::cmdline::value(cmdline, ROUNDS_KEY)
+                    .and_then(crate::cmdline::parse_u64)
+                    .filter(|&n| n != 0)
+                    .unwrap_or(1);
                 Self::Devices(Devices {
+                    rounds,
                     pci_only: name == b"pci",
                     blk: matches!(name, b"virtio" | b"blk"),
                     net: matches!(name, b"virtio" | b"net"),
@@ -91,6 +97,8 @@ pub struct Devices {
     pub tsc_khz: Option<u64>,
     /// Timeout from `probe.timeout_ms=`.
     pub timeout_ms: u64,
+    /// How many times the blk pattern test runs (`probe.rounds=`, default 1).
+    pub rounds: u64,
 }
 
 /// Runs `mode`; every mode ends in a power-off, a triple fault or runs forever.

@@ -193,7 +193,22 @@ fn run(out: &mut Serial, dev: &VirtioPci, cfg: &TestConfig) -> Result<Outcome, &
         } else {
             PATTERN_SECTORS
         };
-        blk.pattern_check(out, capacity, max_sectors.min(PATTERN_SECTORS))?
+        let mut all = true;
+        for round in 1..=cfg.rounds {
+            let ok = blk.pattern_check(out, capacity, max_sectors.min(PATTERN_SECTORS))?;
+            if cfg.rounds > 1 {
+                say!(
+                    out,
+                    "virtio-blk round {round} {}",
+                    if ok { "ok" } else { "fail" }
+                );
+            }
+            all &= ok;
+            if !ok {
+                break;
+            }
+        }
+        all
     };
 
     requests += blk.requests;

@@ -80,6 +80,8 @@ pub struct TestConfig {
     pub apic_id: u32,
     /// Timeout of one request, and of the wait for network replies, in ms.
     pub timeout_ms: u64,
+    /// Rounds of the blk pattern test.
+    pub rounds: u64,
 }
 
 /// A page-aligned static DMA area of `N` bytes, handed to devices by its
@@ -178,6 +180,7 @@ pub fn run_mode(out: &mut Serial, devices: &Devices) {
     let cfg = TestConfig {
         apic_id: apic.id,
         timeout_ms: devices.timeout_ms,
+        rounds: devices.rounds,
     };
     let blk = if devices.blk {
         blk::test(out, &functions, &cfg)
