@@ -322,3 +322,75 @@ fn disk_io_survives_a_backend_crash_and_restart() {
     assert!(out.contains("keel-probe: virtio done blk=ok"), "{out}");
     assert_probe_pattern(&std::fs::read(&image).unwrap(), 0);
 }
+
+/// Builds (once) and returns the project's own blk backend.
+fn keel_vhost_blk() -> std::path::PathBuf {
+    static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = common::workspace_root();
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "keel-vhost-blk"])
+            .current_dir(&root)
+            .status()
+            .unwrap();
+        assert!(status.success(), "building keel-vhost-blk failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        target.join("debug/keel-vhost-blk")
+    })
+    .clone()
+}
+
+fn start_keel_vhost_blk(image: &Path, socket: &Path, serial: &str) -> Backend {
+    let child = Command::new(keel_vhost_blk())
+        .arg("--socket")
+        .arg(socket)
+        .arg("--image")
+        .arg(image)
+        .args(["--serial", serial])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let backend = Backend(child);
+    wait_for_socket(socket);
+    backend
+}
+
+#[test]
+fn guest_data_goes_through_keel_vhost_blk_and_survives_its_restart() {
+    let dir = SandboxDir::new();
+    let image = dir.path("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let socket = dir.path("blk.sock");
+    let mut backend = start_keel_vhost_blk(&image, &socket, "keel-disk-1");
+    let config = dir.probe_config(
+        "blk probe.rounds=40 probe.timeout_ms=20000",
+        1,
+        &format!(
+            "[devices]\nconnect_timeout = \"10s\"\n[[disk]]\nid = \"disk0\"\nsocket = \"{}\"\n",
+            socket.display()
+        ),
+    );
+    let mut vmm = Vmm::start(&config);
+    vmm.stdout
+        .wait_for("keel-probe: virtio-blk round 2 ok", BOOT_TIMEOUT);
+    let _ = backend.0.kill();
+    let _ = backend.0.wait();
+    vmm.stderr.wait_for(
+        "device disk0: backend disconnected",
+        Duration::from_secs(30),
+    );
+    let _ = std::fs::remove_file(&socket);
+    let _backend2 = start_keel_vhost_blk(&image, &socket, "keel-disk-1");
+    let status = vmm.wait(BOOT_TIMEOUT);
+    let out = vmm.stdout.text();
+    let err = vmm.stderr.text();
+    assert!(status.success(), "{out}\n{err}");
+    assert!(out.contains("serial=keel-disk-1"), "{out}");
+    assert!(err.contains("device disk0: backend is back"), "{err}");
+    assert!(out.contains("keel-probe: virtio-blk round 40 ok"), "{out}");
+    assert!(out.contains("keel-probe: virtio done blk=ok"), "{out}");
+    assert_probe_pattern(&std::fs::read(&image).unwrap(), 0);
+}
