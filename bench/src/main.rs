@@ -1,6 +1,7 @@
 //! `keel-bench`: measurements of keel against reference peers, in the same run on
 //! the same machine. Results are medians over repeated runs.
 
+mod blk;
 mod boot;
 mod stats;
 
@@ -34,6 +35,25 @@ enum Command {
         #[arg(long, default_value = "qemu-system-x86_64")]
         qemu: String,
     },
+    /// 4 KiB random read/write IOPS of keel-vhost-blk against qemu-storage-daemon on
+    /// the same image, with the same blkio client; data verified after each backend.
+    Blk {
+        /// keel-vhost-blk binary.
+        #[arg(long, default_value = "target/release/keel-vhost-blk")]
+        keel: PathBuf,
+        /// qemu-storage-daemon binary for the reference; "none" to skip it.
+        #[arg(long, default_value = "qemu-storage-daemon")]
+        qsd: String,
+        /// Image size in MiB.
+        #[arg(long, default_value_t = 64)]
+        size_mib: usize,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Queue depths.
+        #[arg(long, value_delimiter = ',', default_value = "1,32,128")]
+        depths: Vec<usize>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -49,7 +69,22 @@ fn main() -> ExitCode {
             keel,
             guest,
             qemu: (qemu != "none").then_some(qemu),
-        }),
+        })
+        .map_err(|e| e.to_string()),
+        Command::Blk {
+            keel,
+            qsd,
+            size_mib,
+            seconds,
+            depths,
+        } => blk::run(&blk::BlkBench {
+            keel,
+            qsd: (qsd != "none").then_some(qsd),
+            size_mib,
+            seconds,
+            depths,
+        })
+        .map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

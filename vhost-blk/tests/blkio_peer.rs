@@ -134,3 +134,62 @@ fn discard_and_write_zeroes_read_back_zero() {
     assert_eq!(c.read(1 << 20, 0, 8192), 0);
     assert!(c.buf()[..8192] == model[1 << 20..(1 << 20) + 8192]);
 }
+
+#[test]
+fn toml_config_two_queues_poll_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    let model = make_image(&image, IMAGE_LEN, 5);
+    let config = dir.path().join("blk.toml");
+    std::fs::write(
+        &config,
+        "[[disk]]\nsocket = \"blk.sock\"\nimage = \"disk.img\"\nqueues = 2\nmode = \"poll\"\npoll_us = 200\nwrite_cache = false\n",
+    )
+    .unwrap();
+    let socket = dir.path().join("blk.sock");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keel-vhost-blk"))
+        .arg("--config")
+        .arg(&config)
+        .stderr(std::fs::File::create(dir.path().join("backend.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let result = std::panic::catch_unwind(|| {
+        let mut b = blkio::Blkio::new("virtio-blk-vhost-user").unwrap();
+        b.set_str("path", socket.to_str().unwrap()).unwrap();
+        b.connect().unwrap();
+        assert_eq!(b.get_i32("max-queues").unwrap(), 2);
+        b.set_i32("num-queues", 2).unwrap();
+        let mut started = b.start().unwrap();
+        let region = b.alloc_mem_region(BUF_LEN).unwrap();
+        b.map_mem_region(&region).unwrap();
+        let mut rng = Rng(11);
+        for round in 0..200usize {
+            let q = &mut started.queues[round % 2];
+            let offset = rng.below((IMAGE_LEN / 4096) as u64) as usize * 4096;
+            q.read(
+                offset as u64,
+                region.addr as *mut u8,
+                4096,
+                round,
+                blkio::ReqFlags::empty(),
+            );
+            let mut comps = [std::mem::MaybeUninit::<blkio::Completion>::uninit()];
+            let mut timeout = std::time::Duration::from_secs(10);
+            assert_eq!(q.do_io(&mut comps, 1, Some(&mut timeout), None).unwrap(), 1);
+            // SAFETY: do_io filled one completion.
+            let c = unsafe { comps[0].assume_init_ref() };
+            assert_eq!(c.ret, 0);
+            // SAFETY: the region is mapped read/write and only used here.
+            let got = unsafe { std::slice::from_raw_parts(region.addr as *const u8, 4096) };
+            assert!(got == &model[offset..offset + 4096]);
+        }
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    result.unwrap();
+}
