@@ -148,7 +148,13 @@ impl BlkBackend {
 
     /// One round on queue `thread_id`: reap completions, take new requests, signal.
     /// Returns whether anything happened.
-    fn run_once(&self, vring: &Vring, thread_id: usize, rearm: bool) -> io::Result<bool> {
+    fn run_once(
+        &self,
+        vring: &Vring,
+        thread_id: usize,
+        rearm: bool,
+        woken_by_completion: bool,
+    ) -> io::Result<bool> {
         let Some(mem) = self.memory() else {
             return Ok(false);
         };
@@ -161,10 +167,13 @@ impl BlkBackend {
         }
         let mut worker = lock(worker);
         let q = state.get_queue_mut();
-        let mut used = worker.process_completions(q, &mem);
+        let mut used = worker.process_completions(q, &mem, woken_by_completion);
         used += worker
             .process_avail(q, &mem, rearm)
             .map_err(|e| io::Error::other(e.to_string()))?;
+        // Page-cache hits complete during submission: return them now, not on the
+        // next wake-up.
+        used += worker.process_completions(q, &mem, false);
         let submitted = worker.inflight() > 0;
         drop(worker);
         if used > 0 && state.needs_notification().unwrap_or(true) {
@@ -313,20 +322,20 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         }
         if self.mode == Mode::Event || self.poll.is_zero() {
-            self.run_once(vring, thread_id, true)?;
+            self.run_once(vring, thread_id, true, is_completion)?;
             return Ok(());
         }
         // Busy poll: keep the frontend's notifications off and spin on both rings
         // until nothing has happened for the poll window.
         let mut idle_since = Instant::now();
         while idle_since.elapsed() < self.poll {
-            if self.run_once(vring, thread_id, false)? {
+            if self.run_once(vring, thread_id, false, false)? {
                 idle_since = Instant::now();
             } else {
                 std::hint::spin_loop();
             }
         }
-        self.run_once(vring, thread_id, true)?;
+        self.run_once(vring, thread_id, true, true)?;
         Ok(())
     }
 }

@@ -100,9 +100,17 @@ impl QueueWorker {
         Ok((avail - Wrapping(q.next_avail())).0 > q.size())
     }
 
-    /// Puts finished requests on the used ring. Returns how many.
-    pub fn process_completions(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> usize {
-        self.engine.clear_event();
+    /// Puts finished requests on the used ring. Returns how many. `clear_event` first
+    /// resets the completion eventfd (when woken by it), so no wake-up is lost.
+    pub fn process_completions(
+        &mut self,
+        q: &mut Queue,
+        mem: &GuestMemoryMmap,
+        clear_event: bool,
+    ) -> usize {
+        if clear_event {
+            self.engine.clear_event();
+        }
         self.done.clear();
         let n = self.engine.reap(&mut self.done);
         for c in self.done.drain(..) {

@@ -20,6 +20,8 @@ impl Backend {
     /// Starts the backend on `image` with extra command-line `args`.
     pub fn start(dir: &Path, image: &Path, args: &[&str]) -> Backend {
         let socket = dir.join("blk.sock");
+        // A killed backend leaves its socket behind; the new one replaces it.
+        let _ = std::fs::remove_file(&socket);
         let child = Command::new(env!("CARGO_BIN_EXE_keel-vhost-blk"))
             .arg("--socket")
             .arg(&socket)
