@@ -59,10 +59,10 @@ fn acknowledged_writes_survive_backend_kill() {
             killed = true;
         }
         let mut timeout = Duration::from_millis(500);
-        let n = match c.queue.do_io(&mut comps, 1, Some(&mut timeout), None) {
-            Ok(n) => n,
-            Err(_) => 0,
-        };
+        let n = c
+            .queue
+            .do_io(&mut comps, 1, Some(&mut timeout), None)
+            .unwrap_or_default();
         if n == 0 {
             assert!(killed, "backend stalled before it was killed");
             break;
