@@ -1,11 +1,13 @@
 //! Address-range buses (port I/O and MMIO) that route vCPU exits to devices.
 //!
-//! A bus is assembled once with [`BusBuilder`] and then shared read-only between vCPU
-//! threads. Each device is behind its own [`Mutex`], so two vCPUs touching different
-//! devices never contend.
+//! A bus is assembled with [`BusBuilder`] and then shared between vCPU threads. Each
+//! device is behind its own [`Mutex`], so two vCPUs touching different devices never
+//! contend. The range map itself is behind a read-write lock that is only held to
+//! look a device up, never while a device runs, so a device may move its own range
+//! (a guest reprogramming a PCI BAR) from inside an access without deadlock.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use thiserror::Error;
 
@@ -41,6 +43,9 @@ pub enum BusError {
         /// Length of the range.
         len: u64,
     },
+    /// No device range starts at the given address.
+    #[error("no device range starts at {0:#x}")]
+    NotFound(u64),
     /// The range overlaps one that is already taken.
     #[error("device range {base:#x}+{len:#x} overlaps the range at {other:#x}")]
     Overlap {
@@ -73,45 +78,73 @@ impl BusBuilder {
 
     /// Inserts `device` at `[base, base + len)`.
     pub fn insert(&mut self, base: u64, len: u64, device: SharedDevice) -> Result<(), BusError> {
-        if len == 0 {
-            return Err(BusError::EmptyRange { base });
-        }
-        let last = base
-            .checked_add(len - 1)
-            .ok_or(BusError::Overflow { base, len })?;
-        if let Some((&other, slot)) = self.slots.range(..=last).next_back() {
-            if other + (slot.len - 1) >= base {
-                return Err(BusError::Overlap { base, len, other });
-            }
-        }
-        self.slots.insert(base, Slot { len, device });
-        Ok(())
+        insert_slot(&mut self.slots, base, Slot { len, device })
     }
 
-    /// Freezes the ranges into a bus that can be shared between vCPU threads.
+    /// Turns the ranges into a bus that can be shared between vCPU threads.
     pub fn build(self) -> Bus {
-        Bus { slots: self.slots }
+        Bus {
+            slots: RwLock::new(self.slots),
+        }
     }
 }
 
-/// An immutable map from address ranges to devices.
-#[derive(Default, Clone)]
+fn insert_slot(slots: &mut BTreeMap<u64, Slot>, base: u64, slot: Slot) -> Result<(), BusError> {
+    let len = slot.len;
+    if len == 0 {
+        return Err(BusError::EmptyRange { base });
+    }
+    let last = base
+        .checked_add(len - 1)
+        .ok_or(BusError::Overflow { base, len })?;
+    if let Some((&other, existing)) = slots.range(..=last).next_back() {
+        if other + (existing.len - 1) >= base {
+            return Err(BusError::Overlap { base, len, other });
+        }
+    }
+    slots.insert(base, slot);
+    Ok(())
+}
+
+/// A map from address ranges to devices.
+#[derive(Default)]
 pub struct Bus {
-    slots: BTreeMap<u64, Slot>,
+    slots: RwLock<BTreeMap<u64, Slot>>,
 }
 
 impl Bus {
-    fn find(&self, addr: u64) -> Option<(u64, &Slot)> {
-        let (&base, slot) = self.slots.range(..=addr).next_back()?;
-        (addr - base < slot.len).then_some((base, slot))
+    /// The device at `addr` and its range start; the map lock is released before
+    /// the caller touches the device.
+    fn find(&self, addr: u64) -> Option<(u64, SharedDevice)> {
+        let slots = self.slots.read().unwrap_or_else(PoisonError::into_inner);
+        let (&base, slot) = slots.range(..=addr).next_back()?;
+        (addr - base < slot.len).then(|| (base, Arc::clone(&slot.device)))
+    }
+
+    /// Moves the range starting at `old_base` to start at `new_base`, keeping its
+    /// length and device. Fails (and changes nothing) if the new range is invalid or
+    /// overlaps another device.
+    pub fn relocate(&self, old_base: u64, new_base: u64) -> Result<(), BusError> {
+        let mut slots = self.slots.write().unwrap_or_else(PoisonError::into_inner);
+        let slot = slots
+            .remove(&old_base)
+            .ok_or(BusError::NotFound(old_base))?;
+        let keep = slot.clone();
+        match insert_slot(&mut slots, new_base, slot) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                slots.insert(old_base, keep);
+                Err(e)
+            }
+        }
     }
 
     /// Reads from the device at `addr`; returns false (and leaves `data` as all ones)
     /// when no device claims the address.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
-            Some((base, slot)) => {
-                lock(&slot.device).read(addr - base, data);
+            Some((base, device)) => {
+                lock(&device).read(addr - base, data);
                 true
             }
             None => {
@@ -124,8 +157,8 @@ impl Bus {
     /// Writes to the device at `addr`; returns false when no device claims the address.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
-            Some((base, slot)) => {
-                lock(&slot.device).write(addr - base, data);
+            Some((base, device)) => {
+                lock(&device).write(addr - base, data);
                 true
             }
             None => false,
@@ -203,6 +236,66 @@ mod tests {
         assert!(bus.read(0x100, &mut d));
         assert!(bus.read(0x10f, &mut d));
         assert!(!bus.read(0x110, &mut d));
+    }
+
+    #[test]
+    fn relocation_moves_a_range_or_changes_nothing() {
+        let a = recorder(0x10);
+        let b = recorder(0x20);
+        let mut builder = BusBuilder::new();
+        builder.insert(0x1000, 0x100, a.clone()).unwrap();
+        builder.insert(0x2000, 0x100, b).unwrap();
+        let bus = builder.build();
+        bus.relocate(0x1000, 0x3000).unwrap();
+        let mut d = [0u8; 1];
+        assert!(!bus.read(0x1000, &mut d));
+        assert!(bus.read(0x3001, &mut d));
+        assert_eq!(d, [0x11]);
+        // Overlapping another device: refused, old range kept.
+        assert!(matches!(
+            bus.relocate(0x3000, 0x1f80),
+            Err(BusError::Overlap { .. })
+        ));
+        assert!(bus.read(0x3000, &mut d));
+        assert_eq!(
+            bus.relocate(0x5000, 0x6000),
+            Err(BusError::NotFound(0x5000))
+        );
+        assert!(bus.relocate(0x3000, u64::MAX - 1).is_err());
+        assert!(bus.read(0x3000, &mut d));
+    }
+
+    /// A device that moves its own range from inside an access (like a guest
+    /// reprogramming a BAR through the device) must not deadlock the bus.
+    #[test]
+    fn a_device_may_relocate_itself_during_an_access() {
+        struct Mover(Arc<Bus>);
+        impl BusDevice for Mover {
+            fn read(&mut self, _offset: u64, data: &mut [u8]) {
+                data.fill(7);
+            }
+            fn write(&mut self, _offset: u64, _data: &[u8]) {
+                self.0.relocate(0x100, 0x900).unwrap();
+            }
+        }
+        let bus = Arc::new(Bus::default());
+        let mover = Arc::new(Mutex::new(Mover(Arc::clone(&bus))));
+        {
+            let mut slots = bus.slots.write().unwrap();
+            insert_slot(
+                &mut slots,
+                0x100,
+                Slot {
+                    len: 0x10,
+                    device: mover,
+                },
+            )
+            .unwrap();
+        }
+        assert!(bus.write(0x100, &[1]));
+        let mut d = [0u8; 1];
+        assert!(bus.read(0x905, &mut d));
+        assert_eq!(d, [7]);
     }
 
     #[test]

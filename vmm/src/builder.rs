@@ -238,11 +238,13 @@ fn prepare(
         Arc::new(Mutex::new(DebugPort::new(Arc::clone(&debug_log)))),
     )?;
     let mut mmio = BusBuilder::new();
-    let backends = pci_devices::attach(config, vm, ram, &mut pio, &mut mmio)?;
+    let pci = pci_devices::attach(config, vm, ram, &mut pio, &mut mmio)?;
     let buses = Buses {
         pio: Arc::new(pio.build()),
         mmio: Arc::new(mmio.build()),
     };
+    pci.bar_mapper.bind(&buses.mmio);
+    let backends = pci.devices;
 
     let listener = match &config.control.socket {
         Some(path) => Some(bind_control_socket(path)?),

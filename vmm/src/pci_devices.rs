@@ -2,19 +2,20 @@
 //! by vhost-user: connect each backend, place its BAR in the 32-bit MMIO hole,
 //! attach MSI-X vectors and queue-notify ioeventfds, and put it on bus 0.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-use keel_devices::bus::{BusBuilder, BusError};
+use keel_devices::bus::{Bus, BusBuilder, BusError};
 use keel_devices::pci::root::{PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN};
-use keel_devices::pci::{BarAllocator, PciRoot};
+use keel_devices::pci::{BarAllocator, BarMapper, PciRoot};
 use keel_devices::vhost_user::blk::{BlkSettings, VhostUserBlk};
 use keel_devices::vhost_user::net::{NetSettings, VhostUserNet};
 use keel_devices::vhost_user::ConnectError;
 use keel_devices::virtio::pci::{VirtioPci, BAR0_SIZE};
 use keel_devices::virtio::VirtioDevice;
-use kvm_ioctls::{IoEventAddress, NoDatamatch};
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use log::info;
 use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::SandboxConfig;
 use crate::interrupts::{DeviceVectors, GsiRoutes, InterruptError};
@@ -62,16 +63,61 @@ pub enum PciDeviceError {
     Bus(#[from] BusError),
 }
 
-/// Creates every configured PCI device and the conf1 host bridge; returns the
-/// devices, whose backends the event loop watches.
+/// Moves BARs in the MMIO bus and notify ioeventfds in KVM when the guest
+/// reprograms a BAR.
+pub struct KvmBarMapper {
+    vm: Arc<VmFd>,
+    mmio: OnceLock<Weak<Bus>>,
+}
+
+impl KvmBarMapper {
+    /// Connects the mapper to the MMIO bus once it is built.
+    pub fn bind(&self, mmio: &Arc<Bus>) {
+        let _ = self.mmio.set(Arc::downgrade(mmio));
+    }
+}
+
+impl BarMapper for KvmBarMapper {
+    fn move_bar(&self, old: u64, new: u64, _len: u64) -> Result<(), String> {
+        let bus = self
+            .mmio
+            .get()
+            .and_then(Weak::upgrade)
+            .ok_or_else(|| "the MMIO bus is not ready".to_owned())?;
+        bus.relocate(old, new).map_err(|e| e.to_string())
+    }
+
+    fn move_ioeventfd(&self, fd: &EventFd, old: u64, new: u64) -> Result<(), String> {
+        self.vm
+            .unregister_ioevent(fd, &IoEventAddress::Mmio(old), NoDatamatch)
+            .map_err(|e| format!("unregister at {old:#x}: {e}"))?;
+        self.vm
+            .register_ioevent(fd, &IoEventAddress::Mmio(new), NoDatamatch)
+            .map_err(|e| format!("register at {new:#x}: {e}"))
+    }
+}
+
+/// The PCI devices of a VM.
+pub struct PciDevices {
+    /// Devices served by vhost-user backends.
+    pub devices: Vec<Arc<Mutex<VirtioPci>>>,
+    /// Bind to the MMIO bus once built, so guest BAR moves can be followed.
+    pub bar_mapper: Arc<KvmBarMapper>,
+}
+
+/// Creates every configured PCI device and the conf1 host bridge.
 pub fn attach(
     config: &SandboxConfig,
     vm: &Vm,
     ram: &GuestRam,
     pio: &mut BusBuilder,
     mmio: &mut BusBuilder,
-) -> Result<Vec<Arc<Mutex<VirtioPci>>>, PciDeviceError> {
+) -> Result<PciDevices, PciDeviceError> {
     let mut attached = Vec::new();
+    let bar_mapper = Arc::new(KvmBarMapper {
+        vm: Arc::clone(&vm.fd),
+        mmio: OnceLock::new(),
+    });
     let routes = GsiRoutes::new(Arc::clone(&vm.fd));
     let mut root = PciRoot::new();
     let mut bars = BarAllocator::new(MMIO_HOLE_START, IOAPIC_ADDR);
@@ -112,11 +158,12 @@ pub fn attach(
         let bar = bars
             .allocate(BAR0_SIZE)
             .ok_or_else(|| PciDeviceError::NoRoom(id.clone()))?;
-        let pci = VirtioPci::new(id.clone(), device, router, ram.memory().clone(), bar as u32)
+        let mut pci = VirtioPci::new(id.clone(), device, router, ram.memory().clone(), bar as u32)
             .map_err(|e| PciDeviceError::Config {
                 id: id.clone(),
                 reason: e.to_string(),
             })?;
+        pci.set_bar_mapper(bar_mapper.clone(), MMIO_HOLE_START..IOAPIC_ADDR);
         for (addr, fd) in pci.notify_eventfds() {
             vm.fd
                 .register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
@@ -139,5 +186,8 @@ pub fn attach(
         PCI_CONFIG_PORT_LEN,
         Arc::new(Mutex::new(root)),
     )?;
-    Ok(attached)
+    Ok(PciDevices {
+        devices: attached,
+        bar_mapper,
+    })
 }

@@ -394,3 +394,27 @@ fn guest_data_goes_through_keel_vhost_blk_and_survives_its_restart() {
     assert!(out.contains("keel-probe: virtio done blk=ok"), "{out}");
     assert_probe_pattern(&std::fs::read(&image).unwrap(), 0);
 }
+
+#[test]
+fn devices_keep_working_after_the_guest_moves_their_bars() {
+    let dir = SandboxDir::new();
+    let image = dir.path("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let socket = dir.path("blk.sock");
+    let _backend = start_keel_vhost_blk(&image, &socket, "moved");
+    let config = disk_config(&dir, "blk probe.pci_reassign=1", &socket, "");
+    let mut vmm = Vmm::start(&config);
+    let status = vmm.wait(BOOT_TIMEOUT);
+    let out = vmm.stdout.text();
+    let err = vmm.stderr.text();
+    assert!(status.success(), "{out}\n{err}");
+    assert!(
+        out.contains("keel-probe: pci assigned bar 00:01.0 bar0 addr=0xc0008000"),
+        "{out}"
+    );
+    assert!(
+        err.contains("BAR 0 moved by the guest 0xc0000000 -> 0xc0008000"),
+        "{err}"
+    );
+    assert!(out.contains("keel-probe: virtio done blk=ok"), "{out}");
+}

@@ -5,7 +5,26 @@ pub mod msix;
 pub mod root;
 
 pub use config::{PciConfig, PciIds};
+
+use std::ops::Range;
+
+/// Where guest-programmed BARs may live (the 32-bit MMIO hole, minus the
+/// interrupt controllers).
+pub type BarWindow = Range<u64>;
 pub use root::{PciFunction, PciRoot, SharedFunction};
+
+/// Carries out a BAR move the guest asked for, in the hypervisor's address maps.
+pub trait BarMapper: Send + Sync {
+    /// Maps the `len`-byte BAR at `new` instead of `old` (MMIO exits).
+    fn move_bar(&self, old: u64, new: u64, len: u64) -> Result<(), String>;
+    /// Moves an ioeventfd (a queue-notify register) from `old` to `new`.
+    fn move_ioeventfd(
+        &self,
+        fd: &vmm_sys_util::eventfd::EventFd,
+        old: u64,
+        new: u64,
+    ) -> Result<(), String>;
+}
 
 /// Hands out naturally aligned BAR addresses from a window of the 32-bit MMIO hole.
 #[derive(Debug, Clone)]

@@ -16,7 +16,7 @@ use super::{QueueSetup, VirtioDevice, NO_VECTOR, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
 use crate::pci::config::{PciConfig, PciConfigError, PciIds};
 use crate::pci::msix::{Msix, VectorRouter, MSIX_CAP_ID};
-use crate::pci::PciFunction;
+use crate::pci::{BarMapper, BarWindow, PciFunction};
 
 /// Size of BAR 0.
 pub const BAR0_SIZE: u64 = 0x8000;
@@ -107,6 +107,9 @@ pub struct VirtioPci {
     kicks: Vec<EventFd>,
     isr: u8,
     active: bool,
+    mapper: Option<(Arc<dyn BarMapper>, BarWindow)>,
+    /// Where BAR 0 is currently mapped.
+    mapped_bar0: u64,
 }
 
 fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec<u8> {
@@ -208,13 +211,15 @@ impl VirtioPci {
             kicks,
             isr: 0,
             active: false,
+            mapper: None,
+            mapped_bar0: u64::from(bar0),
         })
     }
 
     /// The guest addresses of each queue's notification register and the eventfd
     /// to bind to it (as a KVM ioeventfd).
     pub fn notify_eventfds(&self) -> Vec<(u64, &EventFd)> {
-        let base = self.config.bar_address(0).unwrap_or(0);
+        let base = self.mapped_bar0;
         self.kicks
             .iter()
             .enumerate()
@@ -225,6 +230,52 @@ impl VirtioPci {
                 )
             })
             .collect()
+    }
+
+    /// Lets the guest move BAR 0 within `window`; without a mapper BAR writes are
+    /// accepted in config space but the device stays where the VMM put it.
+    pub fn set_bar_mapper(&mut self, mapper: Arc<dyn BarMapper>, window: BarWindow) {
+        self.mapper = Some((mapper, window));
+    }
+
+    /// Follows a guest BAR reprogramming: when memory decoding is on and BAR 0 names
+    /// a valid, free place in the window, the MMIO range and the notify ioeventfds
+    /// move there; anything else (sizing, bad addresses, overlaps) leaves the
+    /// mapping as it is.
+    fn sync_bar0(&mut self) {
+        let Some((mapper, window)) = &self.mapper else {
+            return;
+        };
+        let memory_on = self.config.command() & crate::pci::config::COMMAND_MEMORY != 0;
+        let Some(wanted) = self.config.bar_address(0) else {
+            return;
+        };
+        let fits = wanted >= window.start
+            && wanted
+                .checked_add(BAR0_SIZE)
+                .is_some_and(|end| end <= window.end);
+        if !memory_on || wanted == self.mapped_bar0 || !fits {
+            return;
+        }
+        let old = self.mapped_bar0;
+        if let Err(e) = mapper.move_bar(old, wanted, BAR0_SIZE) {
+            warn!(
+                "{}: BAR 0 move {old:#x} -> {wanted:#x} refused: {e}",
+                self.name
+            );
+            return;
+        }
+        for (i, fd) in self.kicks.iter().enumerate() {
+            let off = NOTIFY_OFFSET + i as u64 * u64::from(NOTIFY_MULTIPLIER);
+            if let Err(e) = mapper.move_ioeventfd(fd, old + off, wanted + off) {
+                warn!("{}: queue {i}: notify ioeventfd not moved: {e}", self.name);
+            }
+        }
+        self.mapped_bar0 = wanted;
+        info!(
+            "{}: BAR 0 moved by the guest {old:#x} -> {wanted:#x}",
+            self.name
+        );
     }
 
     /// The backend socket to watch for hang-ups, if the device has one.
@@ -511,12 +562,15 @@ impl PciFunction for VirtioPci {
                 | (u16::from(self.config.byte(self.msix_cap + 3)) << 8);
             self.msix.set_control(control);
         }
-        if PciConfig::bar_index(reg) == Some(0) {
-            let new_bar = self.config.bar_address(0);
-            // Sizing writes all ones and restores; only a real move matters.
-            if new_bar != old_bar && new_bar != Some(0xffff_ffff & !(BAR0_SIZE - 1) & 0xffff_fff0) {
-                debug!("{}: BAR 0 programmed to {new_bar:x?}", self.name);
+        if PciConfig::bar_index(reg) == Some(0) || reg == 1 {
+            if PciConfig::bar_index(reg) == Some(0) && self.config.bar_address(0) != old_bar {
+                debug!(
+                    "{}: BAR 0 programmed to {:x?}",
+                    self.name,
+                    self.config.bar_address(0)
+                );
             }
+            self.sync_bar0();
         }
     }
 }
@@ -847,5 +901,70 @@ mod tests {
         assert_eq!(updates.len(), 1);
         assert_eq!(updates[0].0, 0);
         assert_eq!(updates[0].1.map(|m| m.data), Some(0x41));
+    }
+
+    struct RecordingMapper {
+        moves: Mutex<Vec<(u64, u64)>>,
+        ioevents: Mutex<Vec<(u64, u64)>>,
+        refuse: bool,
+    }
+
+    impl BarMapper for RecordingMapper {
+        fn move_bar(&self, old: u64, new: u64, len: u64) -> Result<(), String> {
+            assert_eq!(len, BAR0_SIZE);
+            if self.refuse {
+                return Err("overlap".into());
+            }
+            self.moves.lock().unwrap().push((old, new));
+            Ok(())
+        }
+        fn move_ioeventfd(&self, _fd: &EventFd, old: u64, new: u64) -> Result<(), String> {
+            self.ioevents.lock().unwrap().push((old, new));
+            Ok(())
+        }
+    }
+
+    fn mapped(refuse: bool) -> (VirtioPci, Arc<RecordingMapper>) {
+        let (mut dev, _, _) = device(false);
+        let mapper = Arc::new(RecordingMapper {
+            moves: Mutex::new(Vec::new()),
+            ioevents: Mutex::new(Vec::new()),
+            refuse,
+        });
+        dev.set_bar_mapper(mapper.clone(), 0xc000_0000..0xfec0_0000);
+        (dev, mapper)
+    }
+
+    #[test]
+    fn guest_bar_moves_follow_valid_addresses_only() {
+        let (mut dev, mapper) = mapped(false);
+        // Memory decoding off: programming does not move anything yet.
+        dev.config_write(0x10, &0xc001_0000u32.to_le_bytes());
+        assert!(mapper.moves.lock().unwrap().is_empty());
+        dev.config_write(0x04, &[0x06, 0x00]); // memory + bus master
+        assert_eq!(
+            mapper.moves.lock().unwrap().as_slice(),
+            &[(0xc000_0000, 0xc001_0000)]
+        );
+        assert_eq!(
+            mapper.ioevents.lock().unwrap().as_slice(),
+            &[(0xc000_3000, 0xc001_3000), (0xc000_3004, 0xc001_3004)]
+        );
+        assert_eq!(dev.notify_eventfds()[1].0, 0xc001_3004);
+        // Sizing (all ones) and addresses outside the window are not followed.
+        dev.config_write(0x10, &0xffff_ffffu32.to_le_bytes());
+        dev.config_write(0x10, &0x0000_1000u32.to_le_bytes());
+        dev.config_write(0x10, &0xfec0_0000u32.to_le_bytes());
+        dev.config_write(0x10, &0xc001_0000u32.to_le_bytes());
+        assert_eq!(mapper.moves.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_refused_bar_move_keeps_the_old_mapping() {
+        let (mut dev, mapper) = mapped(true);
+        dev.config_write(0x04, &[0x02, 0x00]);
+        dev.config_write(0x10, &0xc002_0000u32.to_le_bytes());
+        assert!(mapper.ioevents.lock().unwrap().is_empty());
+        assert_eq!(dev.notify_eventfds()[0].0, 0xc000_3000);
     }
 }

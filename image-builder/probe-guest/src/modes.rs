@@ -13,6 +13,7 @@ const TSC_KHZ_KEY: &[u8] = b"probe.tsc_khz";
 /// Command line key that gives the device test timeout in milliseconds.
 const TIMEOUT_KEY: &[u8] = b"probe.timeout_ms";
 const ROUNDS_KEY: &[u8] = b"probe.rounds";
+const REASSIGN_KEY: &[u8] = b"probe.pci_reassign";
 /// Default device test timeout (one request; the wait for network replies).
 const TIMEOUT_MS_DEFAULT: u64 = 2000;
 /// Longest echoed line; longer lines are cut to this length.
@@ -71,8 +72,12 @@ impl<'a> Mode<'a> {
                     .and_then(crate::cmdline::parse_u64)
                     .filter(|&n| n != 0)
                     .unwrap_or(1);
+                let reassign_bars = crate::cmdline::value(cmdline, REASSIGN_KEY)
+                    .and_then(crate::cmdline::parse_u64)
+                    .is_some_and(|v| v != 0);
                 Self::Devices(Devices {
                     rounds,
+                    reassign_bars,
                     pci_only: name == b"pci",
                     blk: matches!(name, b"virtio" | b"blk"),
                     net: matches!(name, b"virtio" | b"net"),
@@ -99,6 +104,8 @@ pub struct Devices {
     pub timeout_ms: u64,
     /// How many times the blk pattern test runs (`probe.rounds=`, default 1).
     pub rounds: u64,
+    /// Move every memory BAR before using the devices (`probe.pci_reassign=1`).
+    pub reassign_bars: bool,
 }
 
 /// Runs `mode`; every mode ends in a power-off, a triple fault or runs forever.

@@ -332,7 +332,9 @@ impl Functions {
 /// Scans bus 0 (all functions of multi-function devices), prints one line per
 /// function followed by one per implemented BAR, and gives addresses to memory BARs that
 /// have none (see the module documentation).
-pub fn enumerate(out: &mut Serial) -> Functions {
+/// Scans bus 0. With `reassign`, every memory BAR is moved to a fresh address
+/// (exercises a VMM's handling of guest BAR reprogramming).
+pub fn enumerate(out: &mut Serial, reassign: bool) -> Functions {
     let mut found = Functions {
         list: [None; MAX_FUNCTIONS],
     };
@@ -374,13 +376,13 @@ pub fn enumerate(out: &mut Serial) -> Functions {
             }
         }
     }
-    assign_and_print_bars(out, &found);
+    assign_and_print_bars(out, &found, reassign);
     found
 }
 
 /// Prints every function and BAR, and places the memory BARs that need an
 /// address in the first gap of the hole that no other BAR uses.
-fn assign_and_print_bars(out: &mut Serial, found: &Functions) {
+fn assign_and_print_bars(out: &mut Serial, found: &Functions, reassign: bool) {
     let mut used = Ranges {
         list: [(0, 0); MAX_RANGES],
         len: 0,
@@ -412,7 +414,8 @@ fn assign_and_print_bars(out: &mut Serial, found: &Functions) {
                 bar.addr,
                 bar.size
             );
-            if !bar.needs_address() {
+            let move_it = reassign && bar.kind != BarKind::Io;
+            if !bar.needs_address() && !move_it {
                 continue;
             }
             let Some(addr) = used.find_gap(bar.size.max(16)) else {

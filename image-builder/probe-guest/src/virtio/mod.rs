@@ -172,7 +172,7 @@ pub fn run_mode(out: &mut Serial, devices: &Devices) {
         apic.base,
         if timer { "ok" } else { "missing" }
     );
-    let functions = pci::enumerate(out);
+    let functions = pci::enumerate(out, devices.reassign_bars);
     if devices.pci_only {
         say!(out, "pci done functions={}", functions.iter().count());
         return;
