@@ -1,0 +1,254 @@
+//! The `VhostUserBackend` of one port: features, config space, and the worker thread
+//! that moves the port's TX queue through the switch.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use log::{debug, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::net::{self, TxBatch};
+use crate::switch::{lock, ForwardScratch, GuestMem, Port, RxTarget, Switch, Vring};
+
+/// Queue index of the RX queue (device to driver).
+pub const RX_QUEUE: usize = 0;
+/// Queue index of the TX queue (driver to device).
+pub const TX_QUEUE: usize = 1;
+/// Number of queues: one RX/TX pair.
+pub const NUM_QUEUES: usize = 2;
+/// The epoll id of the attach event (past the queues and the exit event).
+pub const ATTACH_EVENT: u16 = NUM_QUEUES as u16 + 1;
+/// Chains taken from a TX queue per round.
+pub const TX_BATCH: usize = 64;
+/// Size of the virtio-net config space we serve (mac and status).
+const CONFIG_LEN: usize = 8;
+
+/// Scratch space of the port's worker thread.
+#[derive(Default)]
+struct WorkerState {
+    batch: TxBatch,
+    fwd: ForwardScratch,
+}
+
+/// The backend of one port for one frontend connection.
+pub struct PortBackend {
+    switch: Arc<Switch>,
+    port: Arc<Port>,
+    mem: GuestMem,
+    queue_size: u16,
+    worker: Mutex<WorkerState>,
+    broken_logged: AtomicBool,
+    attach: EventFd,
+}
+
+impl PortBackend {
+    /// A backend for `port`; `mem` must be the memory handed to the daemon.
+    pub fn new(
+        switch: Arc<Switch>,
+        port: Arc<Port>,
+        mem: GuestMem,
+        queue_size: u16,
+    ) -> io::Result<Self> {
+        Ok(PortBackend {
+            switch,
+            port,
+            mem,
+            queue_size,
+            worker: Mutex::new(WorkerState::default()),
+            broken_logged: AtomicBool::new(false),
+            attach: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// The eventfd to register with id [`ATTACH_EVENT`] on the worker: when it fires,
+    /// the worker publishes the port's RX vring to the switch.
+    pub fn attach_fd(&self) -> RawFd {
+        self.attach.as_raw_fd()
+    }
+
+    /// Asks the worker thread to publish the RX vring.
+    pub fn request_attach(&self) -> io::Result<()> {
+        self.attach.write(1)
+    }
+
+    fn config_space(&self) -> [u8; CONFIG_LEN] {
+        let mut c = [0u8; CONFIG_LEN];
+        if let Some(mac) = self.port.cfg.mac {
+            c[..6].copy_from_slice(&mac.0);
+        }
+        // status: VIRTIO_NET_S_LINK_UP (only meaningful with F_STATUS, harmless without).
+        c[6] = 1;
+        c
+    }
+
+    /// Takes everything the frontend queued for transmission through the switch,
+    /// in batches, then re-enables notifications.
+    fn process_tx(&self, vring: &Vring) {
+        let mem = self.mem.memory();
+        let mut state = vring.get_mut();
+        if !state.get_queue().ready() || !state.is_enabled() {
+            return;
+        }
+        let hdr_len = net::header_len(self.port.features());
+        let mut w = lock(&self.worker);
+        let WorkerState { batch, fwd } = &mut *w;
+        let q = state.get_queue_mut();
+        let mut used = false;
+        loop {
+            if let Err(e) = q.disable_notification(&*mem) {
+                self.broken(&e.to_string());
+                return;
+            }
+            loop {
+                match net::pop_tx(q, &mem, hdr_len, batch, TX_BATCH) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        self.broken(&e.to_string());
+                        break;
+                    }
+                }
+                self.switch.forward(&self.port, batch, fwd);
+                for f in &batch.frames {
+                    if q.add_used(&*mem, f.head, 0).is_err() {
+                        self.port.counters.queue_broken();
+                    }
+                }
+                used = true;
+                if batch.frames.len() < TX_BATCH {
+                    break;
+                }
+            }
+            match q.enable_notification(&*mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    self.broken(&e.to_string());
+                    break;
+                }
+            }
+        }
+        if used && q.needs_notification(&*mem).unwrap_or(true) {
+            if let Err(e) = state.signal_used_queue() {
+                debug!("{}: cannot signal TX: {e}", self.port.name());
+            }
+        }
+    }
+
+    fn broken(&self, why: &str) {
+        self.port.counters.queue_broken();
+        if !self.broken_logged.swap(true, Ordering::Relaxed) {
+            warn!("{}: TX queue unusable: {why}", self.port.name());
+        }
+    }
+}
+
+impl VhostUserBackend for PortBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_NET_F_MRG_RXBUF
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.port.cfg.mac.is_some() {
+            f |= 1 << VIRTIO_NET_F_MAC;
+        }
+        f
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.port.set_features(features);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        debug!(
+            "{}: EVENT_IDX {}",
+            self.port.name(),
+            if enabled { "on" } else { "off" }
+        );
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let config = self.config_space();
+        let size = (size as usize).min(256);
+        (0..size)
+            .map(|i| {
+                let at = (offset as usize).saturating_add(i);
+                config.get(at).copied().unwrap_or(0)
+            })
+            .collect()
+    }
+
+    fn update_memory(&self, _mem: GuestMem) -> io::Result<()> {
+        // The daemon replaces the memory inside the atomic we already hold.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One worker per port handles both queues.
+        vec![(1 << NUM_QUEUES) - 1]
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        match device_event {
+            ATTACH_EVENT => {
+                let _ = self.attach.read();
+                if let Some(rx) = vrings.get(RX_QUEUE) {
+                    self.port.attach(RxTarget {
+                        vring: rx.clone(),
+                        mem: self.mem.clone(),
+                    });
+                }
+            }
+            e if usize::from(e) == TX_QUEUE => {
+                if let Some(tx) = vrings.get(TX_QUEUE) {
+                    self.process_tx(tx);
+                }
+            }
+            // RX kicks: the driver posted buffers. Frames are delivered as they arrive
+            // (and dropped when no buffer is there), so there is nothing to do.
+            _ => {}
+        }
+        Ok(())
+    }
+}

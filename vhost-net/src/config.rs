@@ -1,0 +1,482 @@
+//! Command line and TOML configuration, turned into a validated [`SwitchConfig`].
+//!
+//! One process serves one switch. Its ports come from repeated
+//! `--port name=p0,socket=PATH[,mac=52:54:00:00:00:01]` options or from `[[port]]`
+//! tables in a TOML file (`--config`). Every TOML error names the file, `line:column`
+//! and what was expected.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// Largest queue size virtio allows for split rings.
+const MAX_QUEUE_SIZE: u16 = 32768;
+/// Longest port name (it appears in logs and control-socket replies).
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Why a configuration was rejected. `Display` is one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML file could not be read.
+    #[error("{}: cannot read config file: {source}", path.display())]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML file is invalid: `FILE:LINE:COL: message`.
+    #[error("{file}:{line}:{column}: {message}")]
+    Invalid {
+        /// The config file as given.
+        file: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column (characters).
+        column: usize,
+        /// What was wrong and what was expected.
+        message: String,
+    },
+    /// A command-line option or a value is invalid.
+    #[error("{0}")]
+    Args(String),
+}
+
+/// An Ethernet MAC address.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Mac(pub [u8; 6]);
+
+impl Mac {
+    /// Whether the group bit is set (multicast or broadcast).
+    pub fn is_multicast(&self) -> bool {
+        self.0[0] & 1 != 0
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl fmt::Debug for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for Mac {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("expected a MAC address like 52:54:00:12:34:56, found {s:?}");
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut out {
+            let p = parts.next().ok_or_else(bad)?;
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *byte = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(Mac(out))
+    }
+}
+
+impl<'de> Deserialize<'de> for Mac {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// One sandbox port: a vhost-user socket the backend listens on.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortConfig {
+    /// Unique name within the switch.
+    pub name: String,
+    /// vhost-user socket path (the backend is the server).
+    pub socket: PathBuf,
+    /// The guest's MAC. When set, frames from the port with another source MAC are
+    /// dropped (anti-spoofing) and the MAC is offered in the virtio-net config space.
+    #[serde(default)]
+    pub mac: Option<Mac>,
+}
+
+impl PortConfig {
+    /// Checks the values that serde cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.name.is_empty() || self.name.len() > MAX_NAME_LEN {
+            return Err(format!(
+                "name: expected 1 to {MAX_NAME_LEN} bytes, found {}",
+                self.name.len()
+            ));
+        }
+        if !self
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(format!(
+                "name: expected letters, digits, '-', '_' or '.', found {:?}",
+                self.name
+            ));
+        }
+        if self.socket.as_os_str().is_empty() {
+            return Err("socket: must not be empty".into());
+        }
+        if let Some(mac) = self.mac {
+            if mac.is_multicast() || mac.0 == [0; 6] {
+                return Err(format!("mac: expected a unicast address, found {mac}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for PortConfig {
+    type Err = String;
+
+    /// Parses `name=p0,socket=PATH[,mac=MAC]`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (mut name, mut socket, mut mac) = (None, None, None);
+        for item in s.split(',') {
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| format!("expected key=value, found {item:?}"))?;
+            match k {
+                "name" => name = Some(v.to_string()),
+                "socket" => socket = Some(PathBuf::from(v)),
+                "mac" => mac = Some(v.parse::<Mac>()?),
+                _ => return Err(format!("unknown key {k:?}: expected name, socket or mac")),
+            }
+        }
+        let port = PortConfig {
+            name: name.ok_or("missing name=")?,
+            socket: socket.ok_or("missing socket=")?,
+            mac,
+        };
+        port.validate()?;
+        Ok(port)
+    }
+}
+
+/// Command-line arguments.
+#[derive(Debug, Parser)]
+#[command(
+    name = "keel-vhost-net",
+    version,
+    about = "vhost-user network backend: a userspace L2 switch"
+)]
+pub struct Args {
+    /// TOML file describing the switch (excludes --port).
+    #[arg(long, value_name = "FILE", conflicts_with = "port")]
+    pub config: Option<PathBuf>,
+    /// Only validate the configuration, then exit.
+    #[arg(long)]
+    pub check: bool,
+    /// A sandbox port: name=NAME,socket=PATH[,mac=MAC] (repeatable).
+    #[arg(long, value_name = "SPEC")]
+    pub port: Vec<PortConfig>,
+    /// JSON-lines control socket (stats, add-port, remove-port).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Seconds a learned MAC stays valid without traffic from it.
+    #[arg(long, default_value_t = 300)]
+    pub mac_ageing: u64,
+    /// Maximum size of each virtqueue.
+    #[arg(long, default_value_t = 256)]
+    pub queue_size: u16,
+    /// Log one line of counters per port every N seconds (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub stats_interval: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    control: Option<PathBuf>,
+    #[serde(default = "default_ageing")]
+    mac_ageing: u64,
+    #[serde(default = "default_queue_size")]
+    queue_size: u16,
+    #[serde(default)]
+    stats_interval: u64,
+    #[serde(default)]
+    port: Vec<toml::Spanned<PortConfig>>,
+}
+
+fn default_ageing() -> u64 {
+    300
+}
+fn default_queue_size() -> u16 {
+    256
+}
+
+/// A validated switch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwitchConfig {
+    /// The initial ports (more can be added through the control socket).
+    pub ports: Vec<PortConfig>,
+    /// Control socket path.
+    pub control: Option<PathBuf>,
+    /// How long a learned MAC stays valid without traffic.
+    pub mac_ageing: Duration,
+    /// Maximum queue size (power of two).
+    pub queue_size: u16,
+    /// Interval of the periodic stats log line; zero disables it.
+    pub stats_interval: Duration,
+}
+
+impl SwitchConfig {
+    fn validate(&self) -> Result<(), String> {
+        if !self.queue_size.is_power_of_two() || self.queue_size > MAX_QUEUE_SIZE {
+            return Err(format!(
+                "queue_size: expected a power of two from 1 to {MAX_QUEUE_SIZE}, found {}",
+                self.queue_size
+            ));
+        }
+        if self.mac_ageing.is_zero() {
+            return Err("mac_ageing: expected at least 1 second".into());
+        }
+        Ok(())
+    }
+}
+
+/// Finds the first name or socket used twice, as an error message.
+pub fn duplicate(ports: &[PortConfig]) -> Option<String> {
+    for (i, p) in ports.iter().enumerate() {
+        for q in &ports[..i] {
+            if q.name == p.name {
+                return Some(format!("port {:?} is defined twice", p.name));
+            }
+            if q.socket == p.socket {
+                return Some(format!(
+                    "port {:?}: socket {} is already used by port {:?}",
+                    p.name,
+                    p.socket.display(),
+                    q.name
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// Turns command-line arguments (and the TOML file they name) into a switch config.
+pub fn switch_from_args(args: &Args) -> Result<SwitchConfig, ConfigError> {
+    if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let mut cfg = parse_toml(&text, path)?;
+        // Command-line values override the file only when given explicitly.
+        if args.control.is_some() {
+            cfg.control.clone_from(&args.control);
+        }
+        return Ok(cfg);
+    }
+    let cfg = SwitchConfig {
+        ports: args.port.clone(),
+        control: args.control.clone(),
+        mac_ageing: Duration::from_secs(args.mac_ageing),
+        queue_size: args.queue_size,
+        stats_interval: Duration::from_secs(args.stats_interval),
+    };
+    cfg.validate().map_err(ConfigError::Args)?;
+    if let Some(m) = duplicate(&cfg.ports) {
+        return Err(ConfigError::Args(m));
+    }
+    if cfg.ports.is_empty() && cfg.control.is_none() {
+        return Err(ConfigError::Args(
+            "give --config FILE, or at least one --port (or --control to add ports later)".into(),
+        ));
+    }
+    Ok(cfg)
+}
+
+/// Parses and validates a TOML file's text. Relative paths are relative to the file.
+pub fn parse_toml(text: &str, file: &Path) -> Result<SwitchConfig, ConfigError> {
+    let invalid = |offset: usize, message: String| {
+        let (line, column) = line_column(text, offset);
+        ConfigError::Invalid {
+            file: file.display().to_string(),
+            line,
+            column,
+            message,
+        }
+    };
+    let raw: RawFile = toml::from_str(text).map_err(|e| {
+        let offset = e.span().map(|s| s.start).unwrap_or(0);
+        invalid(offset, e.message().trim().to_string())
+    })?;
+    let base = file.parent().unwrap_or(Path::new(""));
+    let mut ports: Vec<PortConfig> = Vec::new();
+    for (i, spanned) in raw.port.into_iter().enumerate() {
+        let start = spanned.span().start;
+        let mut port = spanned.into_inner();
+        port.socket = base.join(&port.socket);
+        port.validate()
+            .map_err(|m| invalid(start, format!("port[{i}].{m}")))?;
+        ports.push(port);
+        if let Some(m) = duplicate(&ports) {
+            return Err(invalid(start, format!("port[{i}]: {m}")));
+        }
+    }
+    let cfg = SwitchConfig {
+        ports,
+        control: raw.control.map(|c| base.join(c)),
+        mac_ageing: Duration::from_secs(raw.mac_ageing),
+        queue_size: raw.queue_size,
+        stats_interval: Duration::from_secs(raw.stats_interval),
+    };
+    cfg.validate().map_err(|m| invalid(0, m))?;
+    if cfg.ports.is_empty() && cfg.control.is_none() {
+        return Err(invalid(
+            0,
+            "expected at least one [[port]] table or a control socket".into(),
+        ));
+    }
+    Ok(cfg)
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let column = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn parse(text: &str) -> Result<SwitchConfig, ConfigError> {
+        parse_toml(text, Path::new("/etc/keel/switches/sw.toml"))
+    }
+
+    #[test]
+    fn toml_ports_and_defaults() {
+        let c = parse(
+            "control = \"ctl.sock\"\n[[port]]\nname = \"p0\"\nsocket = \"p0.sock\"\nmac = \"52:54:00:00:00:01\"\n[[port]]\nname = \"p1\"\nsocket = \"/run/p1.sock\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.ports.len(), 2);
+        assert_eq!(
+            c.ports[0].socket,
+            PathBuf::from("/etc/keel/switches/p0.sock")
+        );
+        assert_eq!(c.ports[0].mac, Some(Mac([0x52, 0x54, 0, 0, 0, 1])));
+        assert_eq!(c.ports[1].mac, None);
+        assert_eq!(
+            c.control,
+            Some(PathBuf::from("/etc/keel/switches/ctl.sock"))
+        );
+        assert_eq!(c.mac_ageing, Duration::from_secs(300));
+        assert_eq!(c.queue_size, 256);
+    }
+
+    #[test]
+    fn errors_have_line_and_column() {
+        let e = parse("[[port]]\nname = \"p0\"\nsocket = \"a\"\nspeed = 3\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("/etc/keel/switches/sw.toml:4:1: unknown field `speed`"),
+            "{e}"
+        );
+        let e = parse("[[port]]\nname = \"p0\"\nsocket = \"a\"\nmac = \"52:54:00\"\n").unwrap_err();
+        assert!(
+            e.to_string().contains(":4:7: expected a MAC address"),
+            "{e}"
+        );
+        let e = parse("queue_size = 100\n[[port]]\nname = \"p0\"\nsocket = \"a\"\n").unwrap_err();
+        assert!(e
+            .to_string()
+            .contains("queue_size: expected a power of two"));
+        let e = parse("[[port]]\nname = \"p0\"\nsocket = \"a\"\nmac = \"01:00:5e:00:00:01\"\n")
+            .unwrap_err();
+        assert!(e.to_string().contains(":1:1: port[0].mac"), "{e}");
+    }
+
+    #[test]
+    fn duplicates_are_rejected() {
+        let e = parse(
+            "[[port]]\nname = \"p0\"\nsocket = \"a\"\n[[port]]\nname = \"p0\"\nsocket = \"b\"\n",
+        )
+        .unwrap_err();
+        assert!(e
+            .to_string()
+            .contains(":4:1: port[1]: port \"p0\" is defined twice"));
+        let e = parse(
+            "[[port]]\nname = \"p0\"\nsocket = \"a\"\n[[port]]\nname = \"p1\"\nsocket = \"a\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("already used by port \"p0\""), "{e}");
+        let e = parse("").unwrap_err();
+        assert!(e.to_string().contains("at least one [[port]]"), "{e}");
+    }
+
+    #[test]
+    fn command_line_ports() {
+        let args = Args::try_parse_from([
+            "keel-vhost-net",
+            "--port",
+            "name=p0,socket=/run/p0.sock,mac=52:54:00:00:00:01",
+            "--port",
+            "name=p1,socket=/run/p1.sock",
+        ])
+        .unwrap();
+        let c = switch_from_args(&args).unwrap();
+        assert_eq!(c.ports.len(), 2);
+        assert_eq!(c.ports[1].name, "p1");
+        assert!(Args::try_parse_from(["keel-vhost-net", "--port", "name=p0"]).is_err());
+        assert!(
+            Args::try_parse_from(["keel-vhost-net", "--port", "name=p0,socket=/s,x=1"]).is_err()
+        );
+        assert!(Args::try_parse_from(["keel-vhost-net", "--port", "name=a b,socket=/s"]).is_err());
+        let args = Args::try_parse_from(["keel-vhost-net"]).unwrap();
+        assert!(switch_from_args(&args).is_err());
+        let args = Args::try_parse_from([
+            "keel-vhost-net",
+            "--port",
+            "name=p0,socket=/s",
+            "--port",
+            "name=p1,socket=/s",
+        ])
+        .unwrap();
+        assert!(switch_from_args(&args).is_err());
+    }
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(
+            "02:00:00:00:00:0a".parse::<Mac>().unwrap().to_string(),
+            "02:00:00:00:00:0a"
+        );
+        assert!("02:00:00:00:00".parse::<Mac>().is_err());
+        assert!("02:00:00:00:00:00:00".parse::<Mac>().is_err());
+        assert!("02:00:00:00:00:0g".parse::<Mac>().is_err());
+        assert!("ff:ff:ff:ff:ff:ff".parse::<Mac>().unwrap().is_multicast());
+    }
+}

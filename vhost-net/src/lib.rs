@@ -1,0 +1,14 @@
+//! keel-vhost-net: a vhost-user virtio-net backend that is a userspace L2 switch.
+//! Each sandbox port is a vhost-user socket; frames move between ports' rings with
+//! MAC learning, flooding and per-port anti-spoofing, and every drop is counted.
+
+pub mod backend;
+pub mod config;
+pub mod control;
+pub mod net;
+pub mod notify;
+pub mod server;
+pub mod switch;
+
+#[cfg(test)]
+mod hostile_tests;

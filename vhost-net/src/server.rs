@@ -1,0 +1,186 @@
+//! Serving the switch's ports: one thread per port accepts frontends on the port's
+//! vhost-user socket, one after another, for as long as the port exists.
+
+use std::collections::HashMap;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use log::{info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::backend::{PortBackend, ATTACH_EVENT};
+use crate::config::PortConfig;
+use crate::switch::{lock, Port, Switch};
+
+/// Why a port could not be added, removed or served.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The port configuration is invalid or clashes with another port.
+    #[error("{0}")]
+    Invalid(String),
+    /// No port has that name.
+    #[error("no port named {0:?}")]
+    NotFound(String),
+    /// The socket could not be created.
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        /// The socket path.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
+    /// The vhost-user daemon failed to start or to register its events.
+    #[error("vhost-user daemon: {0}")]
+    Daemon(String),
+    /// A thread could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// The running switch: its ports and their serving threads.
+pub struct Server {
+    switch: Arc<Switch>,
+    queue_size: u16,
+    threads: Mutex<HashMap<u64, JoinHandle<()>>>,
+}
+
+impl Server {
+    /// A server with no ports yet.
+    pub fn new(switch: Arc<Switch>, queue_size: u16) -> Arc<Server> {
+        Arc::new(Server {
+            switch,
+            queue_size,
+            threads: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The switch.
+    pub fn switch(&self) -> &Arc<Switch> {
+        &self.switch
+    }
+
+    /// Adds a port: its socket is listening when this returns.
+    pub fn add_port(&self, cfg: PortConfig) -> Result<Arc<Port>, ServeError> {
+        cfg.validate().map_err(ServeError::Invalid)?;
+        let port = self.switch.add_port(cfg).map_err(ServeError::Invalid)?;
+        let path = port.cfg.socket.display().to_string();
+        let listener = match Listener::new(&port.cfg.socket, true) {
+            Ok(l) => l,
+            Err(source) => {
+                self.switch.remove_port(port.name());
+                return Err(ServeError::Listen { path, source });
+            }
+        };
+        let (switch, p, qs) = (self.switch.clone(), port.clone(), self.queue_size);
+        let handle = std::thread::Builder::new()
+            .name(format!("port-{}", port.name()))
+            .spawn(move || serve_port(&switch, &p, listener, qs));
+        let handle = match handle {
+            Ok(h) => h,
+            Err(e) => {
+                self.switch.remove_port(port.name());
+                return Err(e.into());
+            }
+        };
+        lock(&self.threads).insert(port.id, handle);
+        info!(
+            "port {} listening on {path}{}",
+            port.name(),
+            port.cfg
+                .mac
+                .map(|m| format!(" (mac {m})"))
+                .unwrap_or_default()
+        );
+        Ok(port)
+    }
+
+    /// Removes a port: disconnects its frontend, stops its thread, removes its socket.
+    pub fn remove_port(&self, name: &str) -> Result<(), ServeError> {
+        let port = self
+            .switch
+            .remove_port(name)
+            .ok_or_else(|| ServeError::NotFound(name.to_string()))?;
+        port.remove();
+        // Wake the thread if it waits in accept(); it sees the removal and ends.
+        let _ = UnixStream::connect(&port.cfg.socket);
+        if let Some(h) = lock(&self.threads).remove(&port.id) {
+            let _ = h.join();
+        }
+        info!("port {name} removed");
+        Ok(())
+    }
+}
+
+/// Serves frontends on `port` until the port is removed.
+fn serve_port(switch: &Arc<Switch>, port: &Arc<Port>, mut listener: Listener, queue_size: u16) {
+    while !port.is_removed() {
+        if let Err(e) = serve_one(switch, port, &mut listener, queue_size) {
+            warn!("port {}: {e}", port.name());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    port.detach();
+}
+
+/// Accepts one frontend on `port` and serves it until it goes away.
+fn serve_one(
+    switch: &Arc<Switch>,
+    port: &Arc<Port>,
+    listener: &mut Listener,
+    queue_size: u16,
+) -> Result<(), ServeError> {
+    let name = port.name();
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let backend = Arc::new(PortBackend::new(
+        switch.clone(),
+        port.clone(),
+        mem.clone(),
+        queue_size,
+    )?);
+    let mut daemon = VhostUserDaemon::new(format!("net-{name}"), backend.clone(), mem)
+        .map_err(|e| ServeError::Daemon(e.to_string()))?;
+    let exit = |daemon: &VhostUserDaemon<Arc<PortBackend>>| {
+        for h in daemon.get_epoll_handlers() {
+            h.send_exit_event();
+        }
+    };
+    let attach = daemon
+        .get_epoll_handlers()
+        .first()
+        .map(|h| h.register_listener(backend.attach_fd(), EventSet::IN, u64::from(ATTACH_EVENT)));
+    if let Err(e) = attach
+        .unwrap_or_else(|| Err(std::io::Error::other("no worker")))
+        .and_then(|()| backend.request_attach())
+    {
+        exit(&daemon);
+        return Err(ServeError::Daemon(format!("attach event: {e}")));
+    }
+    if let Err(e) = daemon.start(listener) {
+        exit(&daemon);
+        return Err(ServeError::Daemon(e.to_string()));
+    }
+    port.set_connected(daemon.shutdown_handle());
+    if port.is_removed() {
+        daemon.request_shutdown();
+    } else {
+        info!("port {name}: frontend connected");
+    }
+    let r = daemon.wait();
+    port.set_connected(None);
+    port.detach();
+    exit(&daemon);
+    // Dropping the daemon joins its worker thread.
+    drop(daemon);
+    match r {
+        Ok(()) => info!("port {name}: frontend disconnected"),
+        Err(e) => info!("port {name}: frontend connection ended: {e}"),
+    }
+    Ok(())
+}

@@ -1,0 +1,534 @@
+//! The L2 switch: ports, their counters, the MAC learning table, and forwarding of
+//! a batch of frames from one port's TX queue to the other ports' RX queues.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::config::{Mac, PortConfig};
+use crate::net::{self, RxDrop, RxScratch, TxBatch, TxDrop};
+
+/// Guest memory as the vhost-user-backend crate shares it.
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
+/// The vring type used by this backend.
+pub type Vring = VringRwLock<GuestMem>;
+
+/// Most MAC addresses one switch learns.
+pub const MAC_TABLE_LIMIT: usize = 4096;
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|p| p.into_inner())
+}
+fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Per-port counters. "tx" is what the port's frontend sent into the switch, "rx" what
+/// the switch delivered to the frontend.
+#[derive(Debug, Default)]
+pub struct Counters {
+    tx_packets: AtomicU64,
+    tx_bytes: AtomicU64,
+    rx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+    drop_spoofed: AtomicU64,
+    drop_short: AtomicU64,
+    drop_oversize: AtomicU64,
+    drop_bad_descriptor: AtomicU64,
+    drop_queue_broken: AtomicU64,
+    drop_rx_no_buffer: AtomicU64,
+    drop_rx_too_big: AtomicU64,
+    drop_rx_bad_descriptor: AtomicU64,
+    drop_rx_not_ready: AtomicU64,
+}
+
+/// A copy of a port's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CounterSnapshot {
+    /// Frames taken from the frontend's TX queue and switched.
+    pub tx_packets: u64,
+    /// Their bytes (Ethernet frames, without the virtio-net header).
+    pub tx_bytes: u64,
+    /// Frames written to the frontend's RX queue.
+    pub rx_packets: u64,
+    /// Their bytes.
+    pub rx_bytes: u64,
+    /// TX frames whose source MAC was not the port's configured MAC.
+    pub drop_spoofed: u64,
+    /// TX chains shorter than the virtio-net header plus an Ethernet header.
+    pub drop_short: u64,
+    /// TX chains longer than 65562 bytes.
+    pub drop_oversize: u64,
+    /// TX chains that loop, leave guest memory, or have writable buffers.
+    pub drop_bad_descriptor: u64,
+    /// Times the TX queue was found unusable (avail index out of range).
+    pub drop_queue_broken: u64,
+    /// Frames for this port dropped because its RX queue had no buffers.
+    pub drop_rx_no_buffer: u64,
+    /// Frames larger than one RX chain without MRG_RXBUF.
+    pub drop_rx_too_big: u64,
+    /// Frames dropped on a malformed RX chain.
+    pub drop_rx_bad_descriptor: u64,
+    /// Unicast frames for this port while no frontend had its RX queue running.
+    pub drop_rx_not_ready: u64,
+}
+
+impl Counters {
+    fn add(c: &AtomicU64, n: u64) {
+        if n != 0 {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts one dropped TX chain.
+    pub fn tx_drop(&self, why: TxDrop) {
+        let c = match why {
+            TxDrop::Short => &self.drop_short,
+            TxDrop::Oversize => &self.drop_oversize,
+            TxDrop::BadDescriptor => &self.drop_bad_descriptor,
+        };
+        Counters::add(c, 1);
+    }
+
+    /// Counts one unusable-queue event.
+    pub fn queue_broken(&self) {
+        Counters::add(&self.drop_queue_broken, 1);
+    }
+
+    /// A copy of all counters.
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CounterSnapshot {
+            tx_packets: g(&self.tx_packets),
+            tx_bytes: g(&self.tx_bytes),
+            rx_packets: g(&self.rx_packets),
+            rx_bytes: g(&self.rx_bytes),
+            drop_spoofed: g(&self.drop_spoofed),
+            drop_short: g(&self.drop_short),
+            drop_oversize: g(&self.drop_oversize),
+            drop_bad_descriptor: g(&self.drop_bad_descriptor),
+            drop_queue_broken: g(&self.drop_queue_broken),
+            drop_rx_no_buffer: g(&self.drop_rx_no_buffer),
+            drop_rx_too_big: g(&self.drop_rx_too_big),
+            drop_rx_bad_descriptor: g(&self.drop_rx_bad_descriptor),
+            drop_rx_not_ready: g(&self.drop_rx_not_ready),
+        }
+    }
+}
+
+/// A port's RX queue, reachable from other ports' worker threads.
+#[derive(Clone)]
+pub struct RxTarget {
+    /// The RX vring (queue 0).
+    pub vring: Vring,
+    /// The frontend's memory.
+    pub mem: GuestMem,
+}
+
+/// One switch port: a vhost-user socket and whatever frontend is connected to it.
+pub struct Port {
+    /// Unique for the life of the process (names can be reused after removal).
+    pub id: u64,
+    /// Its configuration.
+    pub cfg: PortConfig,
+    /// Its counters.
+    pub counters: Counters,
+    features: AtomicU64,
+    connected: AtomicBool,
+    removed: AtomicBool,
+    rx: RwLock<Option<RxTarget>>,
+    shutdown: Mutex<Option<vhost_user_backend::ShutdownHandle>>,
+}
+
+/// What a port reports on the control socket.
+#[derive(Debug, Clone, Serialize)]
+pub struct PortStats {
+    /// Port name.
+    pub name: String,
+    /// Socket path.
+    pub socket: String,
+    /// Configured MAC, if any.
+    pub mac: Option<String>,
+    /// Whether a frontend is connected.
+    pub connected: bool,
+    /// Counters.
+    #[serde(flatten)]
+    pub counters: CounterSnapshot,
+}
+
+impl Port {
+    /// A port that is not connected yet.
+    pub fn new(id: u64, cfg: PortConfig) -> Port {
+        Port {
+            id,
+            cfg,
+            counters: Counters::default(),
+            features: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
+            rx: RwLock::new(None),
+            shutdown: Mutex::new(None),
+        }
+    }
+
+    /// The port name.
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    /// Features the current frontend acknowledged.
+    pub fn features(&self) -> u64 {
+        self.features.load(Ordering::Relaxed)
+    }
+
+    /// Records the acknowledged features.
+    pub fn set_features(&self, f: u64) {
+        self.features.store(f, Ordering::Relaxed);
+    }
+
+    /// Makes the RX vring reachable for other ports.
+    pub fn attach(&self, target: RxTarget) {
+        *write(&self.rx) = Some(target);
+    }
+
+    /// Forgets the RX vring (the frontend went away). Waits for deliveries in progress.
+    pub fn detach(&self) {
+        *write(&self.rx) = None;
+        self.features.store(0, Ordering::Relaxed);
+    }
+
+    /// Marks the frontend (dis)connected and keeps the handle that disconnects it.
+    pub fn set_connected(&self, handle: Option<vhost_user_backend::ShutdownHandle>) {
+        self.connected.store(handle.is_some(), Ordering::Relaxed);
+        *lock(&self.shutdown) = handle;
+    }
+
+    /// Whether a frontend is connected.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Marks the port removed and disconnects its frontend.
+    pub fn remove(&self) {
+        self.removed.store(true, Ordering::Release);
+        if let Some(h) = lock(&self.shutdown).take() {
+            h.shutdown();
+        }
+    }
+
+    /// Whether the port was removed.
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+
+    /// The control-socket view of the port.
+    pub fn stats(&self) -> PortStats {
+        PortStats {
+            name: self.cfg.name.clone(),
+            socket: self.cfg.socket.display().to_string(),
+            mac: self.cfg.mac.map(|m| m.to_string()),
+            connected: self.is_connected(),
+            counters: self.counters.snapshot(),
+        }
+    }
+
+    /// Writes `frames` (ranges in `batch`; the flag says unicast) into this port's RX
+    /// queue, then notifies the frontend once if it wants to be.
+    pub fn deliver(&self, batch: &TxBatch, frames: &[(Range<usize>, bool)], rx: &mut RxScratch) {
+        let c = &self.counters;
+        let unicast = || frames.iter().filter(|(_, u)| *u).count() as u64;
+        let guard = read(&self.rx);
+        let Some(t) = guard.as_ref() else {
+            Counters::add(&c.drop_rx_not_ready, unicast());
+            return;
+        };
+        let mem = t.mem.memory();
+        let mut state = t.vring.get_mut();
+        if !state.get_queue().ready() || !state.is_enabled() {
+            Counters::add(&c.drop_rx_not_ready, unicast());
+            return;
+        }
+        let features = self.features();
+        let (hdr_len, mrg) = (net::header_len(features), net::mrg_rxbuf(features));
+        let q = state.get_queue_mut();
+        let (mut ok, mut bytes, mut no_buf, mut too_big, mut bad) = (0u64, 0u64, 0u64, 0u64, 0u64);
+        for (i, (r, _)) in frames.iter().enumerate() {
+            let f = batch.bytes(r);
+            match net::write_rx(q, &mem, hdr_len, mrg, f, rx) {
+                Ok(()) => {
+                    ok += 1;
+                    bytes += f.len() as u64;
+                }
+                Err(RxDrop::NoBuffer) => {
+                    no_buf += (frames.len() - i) as u64;
+                    break;
+                }
+                Err(RxDrop::TooBig) => too_big += 1,
+                Err(RxDrop::BadDescriptor) => bad += 1,
+            }
+        }
+        if (ok > 0 || bad > 0) && q.needs_notification(&*mem).unwrap_or(true) {
+            if let Err(e) = state.signal_used_queue() {
+                log::debug!("{}: cannot signal RX: {e}", self.name());
+            }
+        }
+        drop(state);
+        Counters::add(&c.rx_packets, ok);
+        Counters::add(&c.rx_bytes, bytes);
+        Counters::add(&c.drop_rx_no_buffer, no_buf);
+        Counters::add(&c.drop_rx_too_big, too_big);
+        Counters::add(&c.drop_rx_bad_descriptor, bad);
+    }
+}
+
+struct MacEntry {
+    port: AtomicU64,
+    seen_ms: AtomicU64,
+}
+
+/// MAC learning table with ageing.
+pub struct MacTable {
+    map: RwLock<HashMap<Mac, MacEntry>>,
+    ageing_ms: u64,
+}
+
+impl MacTable {
+    /// A table whose entries expire after `ageing` without traffic.
+    pub fn new(ageing: Duration) -> MacTable {
+        MacTable {
+            map: RwLock::new(HashMap::new()),
+            ageing_ms: ageing.as_millis().max(1) as u64,
+        }
+    }
+
+    /// Records that `mac` was seen on `port` at `now_ms`.
+    pub fn learn(&self, mac: Mac, port: u64, now_ms: u64) {
+        {
+            let map = read(&self.map);
+            if let Some(e) = map.get(&mac) {
+                if e.port.load(Ordering::Relaxed) != port {
+                    e.port.store(port, Ordering::Relaxed);
+                    e.seen_ms.store(now_ms, Ordering::Relaxed);
+                } else if now_ms.saturating_sub(e.seen_ms.load(Ordering::Relaxed)) >= 1000 {
+                    // Refresh at most once a second: keeps the cache line mostly read-only.
+                    e.seen_ms.store(now_ms, Ordering::Relaxed);
+                }
+                return;
+            }
+        }
+        let mut map = write(&self.map);
+        if map.len() >= MAC_TABLE_LIMIT {
+            let ageing = self.ageing_ms;
+            map.retain(|_, e| now_ms.saturating_sub(e.seen_ms.load(Ordering::Relaxed)) <= ageing);
+            if map.len() >= MAC_TABLE_LIMIT {
+                return;
+            }
+        }
+        map.insert(
+            mac,
+            MacEntry {
+                port: AtomicU64::new(port),
+                seen_ms: AtomicU64::new(now_ms),
+            },
+        );
+    }
+
+    /// The port `mac` was last seen on, unless that is older than the ageing time.
+    pub fn lookup(&self, mac: &Mac, now_ms: u64) -> Option<u64> {
+        let map = read(&self.map);
+        let e = map.get(mac)?;
+        if now_ms.saturating_sub(e.seen_ms.load(Ordering::Relaxed)) > self.ageing_ms {
+            return None;
+        }
+        Some(e.port.load(Ordering::Relaxed))
+    }
+
+    /// Drops expired entries.
+    pub fn expire(&self, now_ms: u64) {
+        let ageing = self.ageing_ms;
+        write(&self.map)
+            .retain(|_, e| now_ms.saturating_sub(e.seen_ms.load(Ordering::Relaxed)) <= ageing);
+    }
+
+    /// Forgets every address learned on `port`.
+    pub fn forget_port(&self, port: u64) {
+        write(&self.map).retain(|_, e| e.port.load(Ordering::Relaxed) != port);
+    }
+
+    /// Number of entries (including expired ones not swept yet).
+    pub fn len(&self) -> usize {
+        read(&self.map).len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Where one frame goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dest {
+    Drop,
+    Flood,
+    One(u64),
+}
+
+/// Per-worker scratch space for forwarding.
+#[derive(Debug, Default)]
+pub struct ForwardScratch {
+    dest: Vec<Dest>,
+    out: Vec<(Range<usize>, bool)>,
+    /// RX writing scratch.
+    pub rx: RxScratch,
+}
+
+/// The switch: its ports and its MAC table.
+pub struct Switch {
+    ports: RwLock<Arc<Vec<Arc<Port>>>>,
+    /// The learned addresses.
+    pub macs: MacTable,
+    next_id: AtomicU64,
+    epoch: Instant,
+}
+
+impl Switch {
+    /// An empty switch.
+    pub fn new(mac_ageing: Duration) -> Switch {
+        Switch {
+            ports: RwLock::new(Arc::new(Vec::new())),
+            macs: MacTable::new(mac_ageing),
+            next_id: AtomicU64::new(1),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Milliseconds since the switch was created (the MAC table's clock).
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// A snapshot of the ports.
+    pub fn ports(&self) -> Arc<Vec<Arc<Port>>> {
+        read(&self.ports).clone()
+    }
+
+    /// The port called `name`.
+    pub fn port(&self, name: &str) -> Option<Arc<Port>> {
+        self.ports().iter().find(|p| p.name() == name).cloned()
+    }
+
+    /// Creates a port and adds it, unless its name or socket is taken.
+    pub fn add_port(&self, cfg: PortConfig) -> Result<Arc<Port>, String> {
+        let mut ports = write(&self.ports);
+        let mut all: Vec<PortConfig> = ports.iter().map(|p| p.cfg.clone()).collect();
+        all.push(cfg.clone());
+        if let Some(m) = crate::config::duplicate(&all) {
+            return Err(m);
+        }
+        let port = Arc::new(Port::new(self.next_id.fetch_add(1, Ordering::Relaxed), cfg));
+        let mut next: Vec<Arc<Port>> = ports.as_ref().clone();
+        next.push(port.clone());
+        *ports = Arc::new(next);
+        Ok(port)
+    }
+
+    /// Takes the port called `name` out of the switch and forgets its addresses.
+    pub fn remove_port(&self, name: &str) -> Option<Arc<Port>> {
+        let mut ports = write(&self.ports);
+        let port = ports.iter().find(|p| p.name() == name).cloned()?;
+        let next: Vec<Arc<Port>> = ports.iter().filter(|p| p.id != port.id).cloned().collect();
+        *ports = Arc::new(next);
+        drop(ports);
+        self.macs.forget_port(port.id);
+        Some(port)
+    }
+
+    /// Switches a batch of frames that `src`'s frontend sent: anti-spoofing, learning,
+    /// then delivery to the learned port or flooding to all others.
+    pub fn forward(&self, src: &Port, batch: &TxBatch, s: &mut ForwardScratch) {
+        let now = self.now_ms();
+        let c = &src.counters;
+        s.dest.clear();
+        let (mut pkts, mut bytes, mut spoofed) = (0u64, 0u64, 0u64);
+        let mut any = false;
+        for f in &batch.frames {
+            let r = match &f.frame {
+                Ok(r) => r,
+                Err(why) => {
+                    c.tx_drop(*why);
+                    s.dest.push(Dest::Drop);
+                    continue;
+                }
+            };
+            let b = batch.bytes(r);
+            let (Some(dst), Some(smac)) = (mac_at(b, 0), mac_at(b, 6)) else {
+                c.tx_drop(TxDrop::Short);
+                s.dest.push(Dest::Drop);
+                continue;
+            };
+            if src.cfg.mac.is_some_and(|m| m != smac) {
+                spoofed += 1;
+                s.dest.push(Dest::Drop);
+                continue;
+            }
+            pkts += 1;
+            bytes += b.len() as u64;
+            if !smac.is_multicast() {
+                self.macs.learn(smac, src.id, now);
+            }
+            let d = if dst.is_multicast() {
+                Dest::Flood
+            } else {
+                match self.macs.lookup(&dst, now) {
+                    // Addressed to its own port: nothing to do.
+                    Some(id) if id == src.id => Dest::Drop,
+                    Some(id) => Dest::One(id),
+                    None => Dest::Flood,
+                }
+            };
+            any |= d != Dest::Drop;
+            s.dest.push(d);
+        }
+        Counters::add(&c.tx_packets, pkts);
+        Counters::add(&c.tx_bytes, bytes);
+        Counters::add(&c.drop_spoofed, spoofed);
+        if !any {
+            return;
+        }
+        let ports = self.ports();
+        for port in ports.iter().filter(|p| p.id != src.id) {
+            s.out.clear();
+            for (f, d) in batch.frames.iter().zip(&s.dest) {
+                let unicast = match d {
+                    Dest::Flood => false,
+                    Dest::One(id) if *id == port.id => true,
+                    _ => continue,
+                };
+                if let Ok(r) = &f.frame {
+                    s.out.push((r.clone(), unicast));
+                }
+            }
+            if !s.out.is_empty() {
+                port.deliver(batch, &s.out, &mut s.rx);
+            }
+        }
+    }
+}
+
+fn mac_at(b: &[u8], at: usize) -> Option<Mac> {
+    let s = b.get(at..at + 6)?;
+    let mut m = [0u8; 6];
+    m.copy_from_slice(s);
+    Some(Mac(m))
+}
