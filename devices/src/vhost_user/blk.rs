@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use log::{info, warn};
+use vhost::vhost_user::VhostUserProtocolFeatures;
 use vm_memory::GuestMemoryMmap;
 
 use super::connection::{ConnectError, VhostUserConnection};
@@ -87,6 +88,7 @@ impl VhostUserBlk {
             socket,
             settings.connect_timeout,
             u64::from(settings.queues),
+            VhostUserProtocolFeatures::INFLIGHT_SHMFD,
         )?;
         let handshake = |step: &'static str, reason: String| ConnectError::Handshake {
             id: settings.id.clone(),
@@ -153,6 +155,7 @@ impl VhostUserBlk {
                 ""
             }
         );
+        conn.track_inflight(queues, settings.queue_size);
         Ok(Self {
             settings,
             conn,

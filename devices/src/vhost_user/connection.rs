@@ -8,8 +8,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{debug, info};
+use std::fs::File;
 use thiserror::Error;
-use vhost::vhost_user::message::VhostUserConfigFlags;
+
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserInflight};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -59,6 +61,12 @@ pub struct VhostUserConnection {
     protocol: VhostUserProtocolFeatures,
     backend_queues: Option<u64>,
     max_queues: u64,
+    extra: VhostUserProtocolFeatures,
+    /// The shared in-flight tracking area (INFLIGHT_SHMFD), kept across backend
+    /// restarts so a new backend can resubmit what the old one had in flight.
+    inflight: Option<(VhostUserInflight, File)>,
+    /// (number of queues, maximum queue size) for the in-flight area.
+    inflight_shape: Option<(u16, u16)>,
     started: Vec<usize>,
     /// What was started, to replay on a new connection after a backend restart.
     replay: Option<Replay>,
@@ -80,7 +88,12 @@ struct Negotiated {
     backend_queues: Option<u64>,
 }
 
-fn handshake(id: &str, socket: &Path, frontend: Frontend) -> Result<Negotiated, ConnectError> {
+fn handshake(
+    id: &str,
+    socket: &Path,
+    frontend: Frontend,
+    extra: VhostUserProtocolFeatures,
+) -> Result<Negotiated, ConnectError> {
     let fail = |step: &'static str| {
         let id = id.to_owned();
         let socket = socket.to_path_buf();
@@ -100,7 +113,7 @@ fn handshake(id: &str, socket: &Path, frontend: Frontend) -> Result<Negotiated, 
         let offered = frontend
             .get_protocol_features()
             .map_err(fail("GET_PROTOCOL_FEATURES"))?;
-        protocol = offered & wanted_protocol_features();
+        protocol = offered & (wanted_protocol_features() | extra);
         frontend
             .set_protocol_features(protocol)
             .map_err(fail("SET_PROTOCOL_FEATURES"))?;
@@ -124,12 +137,15 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
 }
 
 impl VhostUserConnection {
-    /// Connects to `socket`, retrying until `timeout`, and negotiates.
+    /// Connects to `socket`, retrying until `timeout`, and negotiates. `extra`
+    /// names protocol features the device type wants besides the common ones
+    /// (INFLIGHT_SHMFD for blk).
     pub fn connect(
         id: &str,
         socket: &Path,
         timeout: Duration,
         max_queues: u64,
+        extra: VhostUserProtocolFeatures,
     ) -> Result<Self, ConnectError> {
         let start = Instant::now();
         let frontend = loop {
@@ -153,7 +169,7 @@ impl VhostUserConnection {
             backend_features,
             protocol,
             backend_queues,
-        } = handshake(id, socket, frontend)?;
+        } = handshake(id, socket, frontend, extra)?;
         info!(
             "device {id}: connected to {} (features {backend_features:#x}, protocol {:?}, queues {backend_queues:?})",
             socket.display(),
@@ -167,6 +183,9 @@ impl VhostUserConnection {
             protocol,
             backend_queues,
             max_queues,
+            extra,
+            inflight: None,
+            inflight_shape: None,
             started: Vec::new(),
             replay: None,
         })
@@ -189,7 +208,7 @@ impl VhostUserConnection {
                 last: e.to_string(),
             }
         })?;
-        let n = handshake(&self.id, &self.socket, frontend)?;
+        let n = handshake(&self.id, &self.socket, frontend, self.extra)?;
         let needed = self
             .replay
             .as_ref()
@@ -243,6 +262,43 @@ impl VhostUserConnection {
         }
         let calls: Vec<&EventFd> = replay.calls.iter().collect();
         self.program(&replay.mem, replay.features, &replay.queues, &calls, &bases)
+    }
+
+    /// Asks for in-flight tracking with this shape, when the backend offers
+    /// INFLIGHT_SHMFD.
+    pub fn track_inflight(&mut self, queues: u16, queue_size: u16) {
+        self.inflight_shape = Some((queues, queue_size));
+    }
+
+    fn setup_inflight(&mut self) -> Result<(), DeviceError> {
+        let Some((queues, size)) = self.inflight_shape else {
+            return Ok(());
+        };
+        if !self
+            .protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            return Ok(());
+        }
+        if self.inflight.is_none() {
+            let request = VhostUserInflight {
+                mmap_size: 0,
+                mmap_offset: 0,
+                num_queues: queues,
+                queue_size: size,
+            };
+            let area = self
+                .frontend
+                .get_inflight_fd(&request)
+                .map_err(|e| self.backend_error("GET_INFLIGHT_FD", e))?;
+            self.inflight = Some(area);
+        }
+        if let Some((info, file)) = &self.inflight {
+            self.frontend
+                .set_inflight_fd(info, file.as_raw_fd())
+                .map_err(|e| self.backend_error("SET_INFLIGHT_FD", e))?;
+        }
+        Ok(())
     }
 
     /// virtio feature bits the backend offers (without the vhost-user bit).
@@ -344,6 +400,7 @@ impl VhostUserConnection {
         self.frontend
             .set_mem_table(&regions)
             .map_err(|e| self.backend_error("SET_MEM_TABLE", e))?;
+        self.setup_inflight()?;
         for ((q, call), base) in queues.iter().zip(calls).zip(bases) {
             let host = |addr: u64| -> Result<u64, DeviceError> {
                 mem.get_host_address(GuestAddress(addr))
@@ -413,5 +470,7 @@ impl VhostUserConnection {
             }
         }
         self.replay = None;
+        // A driver reset starts the device afresh: nothing is in flight any more.
+        self.inflight = None;
     }
 }

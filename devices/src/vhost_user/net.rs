@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use log::info;
+use vhost::vhost_user::VhostUserProtocolFeatures;
 use vm_memory::GuestMemoryMmap;
 
 use super::connection::{ConnectError, VhostUserConnection};
@@ -83,6 +84,7 @@ impl VhostUserNet {
             &settings.socket,
             settings.connect_timeout,
             2,
+            VhostUserProtocolFeatures::empty(),
         )?;
         let features = conn.virtio_features() & supported_features();
         if features & (1 << F_VERSION_1) == 0 {
