@@ -418,3 +418,32 @@ fn devices_keep_working_after_the_guest_moves_their_bars() {
     );
     assert!(out.contains("keel-probe: virtio done blk=ok"), "{out}");
 }
+
+#[test]
+fn a_multiqueue_disk_shows_its_queues_to_the_guest() {
+    let dir = SandboxDir::new();
+    let image = dir.path("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let socket = dir.path("blk.sock");
+    let child = Command::new(keel_vhost_blk())
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--image")
+        .arg(&image)
+        .args(["--queues", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _backend = Backend(child);
+    wait_for_socket(&socket);
+    let config = disk_config(&dir, "blk", &socket, "queues = 2\n");
+    let mut vmm = Vmm::start(&config);
+    let status = vmm.wait(BOOT_TIMEOUT);
+    let out = vmm.stdout.text();
+    let err = vmm.stderr.text();
+    assert!(status.success(), "{out}\n{err}");
+    assert!(err.contains("2 queue(s)"), "{err}");
+    assert!(out.contains("num_queues=2"), "{out}");
+    assert!(out.contains("keel-probe: virtio done blk=ok"), "{out}");
+}
