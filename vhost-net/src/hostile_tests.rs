@@ -26,6 +26,9 @@ const BUF: u64 = 0x10_0000;
 const OUTSIDE: u64 = 0x1000_0000;
 const W: u16 = VRING_DESC_F_WRITE as u16;
 const QS: u16 = 16;
+
+/// One descriptor: guest address, length, flags.
+type Desc = (u64, u32, u16);
 const FEATURES: u64 = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MRG_RXBUF;
 
 fn memory() -> GuestMemoryMmap {
@@ -114,7 +117,7 @@ fn tx_hostile_chains_are_dropped_with_a_reason() {
     let mem = memory();
     let f = frame(B, A, 60);
     let len = put_tx(&mem, BUF, &f);
-    let cases: Vec<(&str, Vec<(u64, u32, u16)>, TxDrop)> = vec![
+    let cases: Vec<(&str, Vec<Desc>, TxDrop)> = vec![
         ("header only", vec![(BUF, HDR_LEN as u32, 0)], TxDrop::Short),
         ("header cut", vec![(BUF, 8, 0)], TxDrop::Short),
         (
@@ -318,7 +321,7 @@ fn rx_hostile_chains_are_returned_empty() {
     let mem = memory();
     let f = frame(B, A, 60);
     let mut s = RxScratch::default();
-    let cases: Vec<(&str, Vec<(u64, u32, u16)>)> = vec![
+    let cases: Vec<(&str, Vec<Desc>)> = vec![
         ("readable buffer", vec![(BUF, 2048, 0)]),
         ("outside memory", vec![(OUTSIDE, 2048, W)]),
         ("straddles the end", vec![(MEM_SIZE as u64 - 20, 2048, W)]),
