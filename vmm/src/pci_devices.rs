@@ -140,6 +140,7 @@ pub fn attach(
             id: nic.id.clone(),
             socket: nic.socket.clone(),
             mac: nic.mac,
+            queue_pairs: nic.queue_pairs,
             queue_size: nic.queue_size,
             connect_timeout: timeout,
         })?;

@@ -199,6 +199,10 @@ fn a_read_only_disk_rejects_guest_writes() {
 /// DPDK testpmd serving a vhost-user socket with its net_vhost PMD and echoing
 /// every frame back with MACs swapped.
 fn testpmd_macswap(socket: &Path) -> Option<Backend> {
+    testpmd_macswap_queues(socket, 1)
+}
+
+fn testpmd_macswap_queues(socket: &Path, queues: u16) -> Option<Backend> {
     let child = Command::new("dpdk-testpmd")
         .args([
             "--lcores=0@0,1@0",
@@ -212,7 +216,10 @@ fn testpmd_macswap(socket: &Path) -> Option<Backend> {
             "256",
         ])
         .arg("--vdev")
-        .arg(format!("net_vhost0,iface={},queues=1", socket.display()))
+        .arg(format!(
+            "net_vhost0,iface={},queues={queues}",
+            socket.display()
+        ))
         .args([
             "--",
             "--forward-mode=macswap",
@@ -446,4 +453,37 @@ fn a_multiqueue_disk_shows_its_queues_to_the_guest() {
     assert!(err.contains("2 queue(s)"), "{err}");
     assert!(out.contains("num_queues=2"), "{out}");
     assert!(out.contains("keel-probe: virtio done blk=ok"), "{out}");
+}
+
+#[test]
+fn a_multiqueue_nic_offers_its_pairs_and_a_simple_driver_still_works() {
+    let dir = SandboxDir::new();
+    let net_sock = dir.path("net.sock");
+    let Some(_pmd) = testpmd_macswap_queues(&net_sock, 2) else {
+        return;
+    };
+    let config = dir.probe_config(
+        "net",
+        1,
+        &format!(
+            "[devices]\nconnect_timeout = \"20s\"\n\
+             [[net]]\nid = \"net0\"\nsocket = \"{}\"\nmac = \"52:54:00:12:34:57\"\nqueue_pairs = 2\n",
+            net_sock.display()
+        ),
+    );
+    let mut vmm = Vmm::start(&config);
+    let status = vmm.wait(BOOT_TIMEOUT);
+    let out = vmm.stdout.text();
+    let err = vmm.stderr.text();
+    assert!(status.success(), "{out}\n{err}");
+    assert!(
+        err.contains("device net0: virtio-net, 2 queue pair(s)"),
+        "{err}"
+    );
+    // Two pairs plus the control queue.
+    assert!(out.contains(" queues=5"), "{out}");
+    assert!(
+        out.contains("keel-probe: virtio-net echo ok count=4"),
+        "{out}"
+    );
 }

@@ -455,6 +455,16 @@ impl VhostUserConnection {
         Ok(())
     }
 
+    /// Enables or disables a started ring (multiqueue pair selection).
+    pub fn set_ring_enabled(&mut self, index: usize, enabled: bool) -> Result<(), String> {
+        if self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
+            return Err("the backend has no per-ring enable (no protocol features)".to_owned());
+        }
+        self.frontend
+            .set_vring_enable(index, enabled)
+            .map_err(|e| e.to_string())
+    }
+
     /// Stops every started ring (GET_VRING_BASE), so the backend stops touching
     /// guest memory.
     pub fn stop(&mut self) {

@@ -5,5 +5,6 @@
 pub mod blk;
 pub mod connection;
 pub mod net;
+pub mod net_ctrl;
 
 pub use connection::{ConnectError, VhostUserConnection};
