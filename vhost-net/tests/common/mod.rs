@@ -1,0 +1,254 @@
+//! Shared helpers for the integration tests: a running keel-vhost-net, DPDK testpmd
+//! frontends, and a control-socket client. Every process is killed by its PID when
+//! its handle is dropped; testpmd's hugepage files are removed with it.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Serializes the tests that start testpmd (hugepages and CPUs are scarce).
+pub fn testpmd_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether testpmd can run here: the binary exists and 2 MiB pages are free.
+pub fn testpmd_available() -> bool {
+    let has_bin = Command::new("dpdk-testpmd")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    let free: u64 =
+        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .map(|m| m.contains("/dev/hugepages"))
+        .unwrap_or(false);
+    if !has_bin || free < 256 || !mounted {
+        eprintln!(
+            "skipping: dpdk-testpmd {}, {free} free 2 MiB pages, /dev/hugepages {}",
+            if has_bin { "found" } else { "missing" },
+            if mounted { "mounted" } else { "not mounted" }
+        );
+        return false;
+    }
+    true
+}
+
+/// A keel-vhost-net process started by a test.
+pub struct Backend {
+    child: Child,
+    /// Its control socket.
+    pub control: PathBuf,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl Backend {
+    /// Starts the switch with `ports` (`name=..,socket=..[,mac=..]` specs) and waits
+    /// for its READY=1 notification.
+    pub fn start(dir: &Path, ports: &[String], extra: &[&str]) -> Backend {
+        let control = dir.join("control.sock");
+        let notify_path = dir.join("notify.sock");
+        let notify = UnixDatagram::bind(&notify_path).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let log = dir.join("backend.log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel-vhost-net"));
+        for p in ports {
+            cmd.arg("--port").arg(p);
+        }
+        let child = cmd
+            .arg("--control")
+            .arg(&control)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stdin(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .spawn()
+            .unwrap();
+        let backend = Backend {
+            child,
+            control,
+            log,
+        };
+        let mut buf = [0u8; 256];
+        let n = notify
+            .recv(&mut buf)
+            .expect("no READY=1 from keel-vhost-net");
+        let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(msg.contains("READY=1"), "{msg}");
+        backend
+    }
+
+    /// Whether the process still runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Sends one control request and returns the reply.
+    pub fn request(&self, req: &str) -> Value {
+        let mut s = UnixStream::connect(&self.control).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        s.write_all(b"\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    /// The counters of port `name`.
+    pub fn port(&self, name: &str) -> Value {
+        let stats = self.request(r#"{"cmd":"stats"}"#);
+        assert_eq!(stats["ok"], true, "{stats}");
+        stats["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no port {name} in {stats}"))
+    }
+
+    /// Counter `key` of port `name`.
+    pub fn counter(&self, name: &str, key: &str) -> u64 {
+        self.port(name)[key].as_u64().unwrap()
+    }
+
+    /// Waits until `cond` holds, polling every 100 ms, up to `secs` seconds.
+    pub fn wait_for(&self, secs: u64, what: &str, mut cond: impl FnMut(&Backend) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !cond(self) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A DPDK testpmd with one `net_virtio_user` port: a vhost-user frontend, no VM.
+pub struct Testpmd {
+    child: Option<Child>,
+    prefix: String,
+    /// Its output.
+    pub log: PathBuf,
+}
+
+impl Testpmd {
+    /// Starts testpmd on `socket` with `mac`, forwarding mode `mode`, on host `cpu`,
+    /// with extra testpmd (application) arguments.
+    pub fn start(
+        dir: &Path,
+        tag: &str,
+        socket: &Path,
+        mac: &str,
+        mode: &str,
+        cpu: usize,
+        extra: &[&str],
+    ) -> Testpmd {
+        let prefix = format!("keelnet-{}-{tag}", std::process::id());
+        let log = dir.join(format!("testpmd-{tag}.log"));
+        let child = Command::new("dpdk-testpmd")
+            .arg(format!("--lcores=0@{cpu},1@{cpu}"))
+            .args(["-n", "1", "--no-pci", "--single-file-segments", "-m", "256"])
+            .arg(format!("--file-prefix={prefix}"))
+            .arg("--vdev")
+            .arg(format!(
+                "net_virtio_user0,path={},queues=1,mac={mac}",
+                socket.display()
+            ))
+            .arg("--")
+            .arg(format!("--forward-mode={mode}"))
+            .args(["--stats-period=1", "--no-mlockall"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Testpmd {
+            child: Some(child),
+            prefix,
+            log,
+        }
+    }
+
+    /// Asks testpmd to quit (SIGINT: it prints its final statistics) and waits.
+    pub fn stop(&mut self) -> String {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on the PID of a child we spawned and have not reaped yet.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+            }
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.wait();
+        }
+        self.cleanup();
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills testpmd at once (SIGKILL), like a crashing frontend.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.cleanup();
+    }
+
+    fn cleanup(&self) {
+        if let Ok(entries) = std::fs::read_dir("/dev/hugepages") {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&self.prefix) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Testpmd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The last `RX-packets:` (or `TX-packets:`) number in testpmd's output.
+pub fn last_count(log: &str, key: &str) -> Option<u64> {
+    log.lines()
+        .filter_map(|l| {
+            let at = l.find(key)?;
+            l[at + key.len()..].split_whitespace().next()?.parse().ok()
+        })
+        .last()
+}

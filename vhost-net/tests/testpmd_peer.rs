@@ -1,0 +1,199 @@
+//! keel-vhost-net with real vhost-user frontends: DPDK testpmd's `net_virtio_user`
+//! PMD (no VM needed). One testpmd transmits (`txonly`) on port p0, another receives
+//! (`rxonly`) on port p1; the switch's counters and testpmd's must agree.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{last_count, testpmd_available, testpmd_lock, Backend, Testpmd};
+
+const MAC0: &str = "52:54:00:00:00:01";
+const MAC1: &str = "52:54:00:00:00:02";
+
+fn two_ports(dir: &std::path::Path) -> Backend {
+    Backend::start(
+        dir,
+        &[
+            format!("name=p0,socket={}/p0.sock,mac={MAC0}", dir.display()),
+            format!("name=p1,socket={}/p1.sock,mac={MAC1}", dir.display()),
+        ],
+        &[],
+    )
+}
+
+#[test]
+fn frames_cross_the_switch_and_counters_match_across_reconnects() {
+    if !testpmd_available() {
+        return;
+    }
+    let _guard = testpmd_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let mut be = two_ports(dir.path());
+    let (p0, p1) = (dir.path().join("p0.sock"), dir.path().join("p1.sock"));
+
+    for round in 0..2 {
+        let mut rx = Testpmd::start(
+            dir.path(),
+            &format!("rx{round}"),
+            &p1,
+            MAC1,
+            "rxonly",
+            1,
+            &[],
+        );
+        be.wait_for(60, "p1 connected", |b| b.port("p1")["connected"] == true);
+        let b1 = be.port("p1");
+        let before_rx = b1["rx_packets"].as_u64().unwrap();
+        let before_tx = be.counter("p0", "tx_packets");
+        let mut tx = Testpmd::start(
+            dir.path(),
+            &format!("tx{round}"),
+            &p0,
+            MAC0,
+            "txonly",
+            0,
+            &[&format!("--eth-peer=0,{MAC1}")],
+        );
+        be.wait_for(60, "frames on p1", |b| {
+            b.counter("p1", "rx_packets") > before_rx + 20_000
+        });
+        let tx_log = tx.stop();
+        be.wait_for(20, "p0 disconnected", |b| {
+            b.port("p0")["connected"] == false
+        });
+        // Everything p0 sent reached p1's ring or was counted as dropped there.
+        let s0 = be.port("p0");
+        let s1 = be.port("p1");
+        let sent = s0["tx_packets"].as_u64().unwrap() - before_tx;
+        let got = s1["rx_packets"].as_u64().unwrap() - before_rx;
+        let c1 = |k: &str| s1[k].as_u64().unwrap() - b1[k].as_u64().unwrap();
+        assert!(sent > 20_000, "{s0}");
+        assert_eq!(s0["drop_spoofed"], 0, "{s0}");
+        assert_eq!(s0["drop_bad_descriptor"], 0, "{s0}");
+        assert_eq!(
+            s0["tx_bytes"].as_u64().unwrap(),
+            64 * s0["tx_packets"].as_u64().unwrap()
+        );
+        assert_eq!(
+            sent,
+            got + c1("drop_rx_no_buffer") + c1("drop_rx_not_ready"),
+            "p0 {s0}\np1 {s1}"
+        );
+        // testpmd's own transmit count matches what the switch took from p0.
+        let tpmd_tx = last_count(&tx_log, "TX-packets:").unwrap();
+        assert_eq!(tpmd_tx, sent, "testpmd tx log:\n{tx_log}");
+        // And its receive count matches what the switch delivered to p1.
+        let rx_log = rx.stop();
+        let tpmd_rx = last_count(&rx_log, "RX-packets:").unwrap();
+        assert_eq!(tpmd_rx, got, "p1 {s1}\ntestpmd rx log:\n{rx_log}");
+        be.wait_for(20, "p1 disconnected", |b| {
+            b.port("p1")["connected"] == false
+        });
+        assert!(be.is_running(), "the switch exited with its frontends");
+        // The switch learned p0's address.
+        assert!(be.request(r#"{"cmd":"stats"}"#)["macs"].as_u64().unwrap() >= 1);
+    }
+
+    // A frontend killed outright (SIGKILL) only affects its port.
+    let mut rx = Testpmd::start(dir.path(), "rx-killed", &p1, MAC1, "rxonly", 1, &[]);
+    be.wait_for(60, "p1 connected", |b| b.port("p1")["connected"] == true);
+    rx.kill();
+    be.wait_for(20, "p1 disconnected", |b| {
+        b.port("p1")["connected"] == false
+    });
+    assert!(be.is_running());
+}
+
+#[test]
+fn spoofed_source_macs_are_dropped_and_counted() {
+    if !testpmd_available() {
+        return;
+    }
+    let _guard = testpmd_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let be = two_ports(dir.path());
+    let p0 = dir.path().join("p0.sock");
+    // testpmd on p0 uses another MAC than the port's configured one.
+    let mut tx = Testpmd::start(
+        dir.path(),
+        "spoof",
+        &p0,
+        "52:54:00:00:00:99",
+        "txonly",
+        0,
+        &[&format!("--eth-peer=0,{MAC1}")],
+    );
+    be.wait_for(60, "spoofed drops", |b| {
+        b.counter("p0", "drop_spoofed") > 10_000
+    });
+    tx.stop();
+    let s0 = be.port("p0");
+    assert_eq!(s0["tx_packets"], 0, "{s0}");
+    assert_eq!(be.counter("p1", "drop_rx_not_ready"), 0);
+    assert_eq!(be.request(r#"{"cmd":"stats"}"#)["macs"], 0);
+}
+
+#[test]
+fn control_socket_adds_and_removes_ports() {
+    let dir = tempfile::tempdir().unwrap();
+    let be = Backend::start(
+        dir.path(),
+        &[format!("name=p0,socket={}/p0.sock", dir.path().display())],
+        &[],
+    );
+    let p2 = dir.path().join("p2.sock");
+    let r = be.request(&format!(
+        r#"{{"cmd":"add-port","name":"p2","socket":"{}","mac":"52:54:00:00:00:03"}}"#,
+        p2.display()
+    ));
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(p2.exists());
+    let port = be.port("p2");
+    assert_eq!(port["mac"], "52:54:00:00:00:03");
+    assert_eq!(port["connected"], false);
+    // Duplicates, bad values and unknown requests are refused with a reason.
+    let r = be.request(&format!(
+        r#"{{"cmd":"add-port","name":"p2","socket":"{}/x.sock"}}"#,
+        dir.path().display()
+    ));
+    assert!(
+        r["error"].as_str().unwrap().contains("defined twice"),
+        "{r}"
+    );
+    let r = be.request(r#"{"cmd":"add-port","name":"p3","socket":"rel.sock"}"#);
+    assert!(r["error"].as_str().unwrap().contains("absolute"), "{r}");
+    let r = be.request(r#"{"cmd":"add-port","name":"p3","socket":"/tmp/x","mac":"zz"}"#);
+    assert_eq!(r["ok"], false, "{r}");
+    let r = be.request(r#"{"cmd":"reboot"}"#);
+    assert_eq!(r["ok"], false, "{r}");
+    let r = be.request("not json");
+    assert_eq!(r["ok"], false, "{r}");
+    // A connected client is cut off when its port is removed.
+    let client = std::os::unix::net::UnixStream::connect(&p2).unwrap();
+    be.wait_for(10, "p2 connected", |b| b.port("p2")["connected"] == true);
+    let r = be.request(r#"{"cmd":"remove-port","name":"p2"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(!p2.exists(), "socket left behind");
+    let mut buf = [0u8; 1];
+    use std::io::Read;
+    assert_eq!((&client).read(&mut buf).unwrap_or(0), 0);
+    let r = be.request(r#"{"cmd":"remove-port","name":"p2"}"#);
+    assert!(r["error"].as_str().unwrap().contains("no port"), "{r}");
+    // The name can be used again.
+    let r = be.request(&format!(
+        r#"{{"cmd":"add-port","name":"p2","socket":"{}"}}"#,
+        p2.display()
+    ));
+    assert_eq!(r["ok"], true, "{r}");
+    let r = be.request(r#"{"cmd":"remove-port","name":"p2"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    // p0 is untouched.
+    assert_eq!(
+        be.request(r#"{"cmd":"stats"}"#)["ports"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
