@@ -245,10 +245,8 @@ impl Drop for Testpmd {
 
 /// The last `RX-packets:` (or `TX-packets:`) number in testpmd's output.
 pub fn last_count(log: &str, key: &str) -> Option<u64> {
-    log.lines()
-        .filter_map(|l| {
-            let at = l.find(key)?;
-            l[at + key.len()..].split_whitespace().next()?.parse().ok()
-        })
-        .last()
+    log.lines().rev().find_map(|l| {
+        let at = l.find(key)?;
+        l[at + key.len()..].split_whitespace().next()?.parse().ok()
+    })
 }
