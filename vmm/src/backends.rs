@@ -23,6 +23,7 @@ const RETRY_PERIOD: Duration = Duration::from_millis(200);
 pub struct BackendWatch {
     devices: Vec<Arc<Mutex<VirtioPci>>>,
     disconnected: Vec<bool>,
+    reconnects: Vec<u64>,
     timer: Option<TimerFd>,
     timer_armed: bool,
 }
@@ -43,6 +44,7 @@ impl BackendWatch {
         };
         Self {
             disconnected: vec![false; devices.len()],
+            reconnects: vec![0; devices.len()],
             devices,
             timer,
             timer_armed: false,
@@ -72,6 +74,23 @@ impl BackendWatch {
                 warn!("cannot watch the reconnect timer: {e:?}");
             }
         }
+    }
+
+    /// Per-device state for the control socket's `stats`.
+    pub fn stats(&self) -> Vec<serde_json::Value> {
+        self.devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let d = crate::lock(d);
+                serde_json::json!({
+                    "id": d.name(),
+                    "driver_status": d.status(),
+                    "backend": if self.disconnected[i] { "disconnected" } else { "connected" },
+                    "reconnects": self.reconnects[i],
+                })
+            })
+            .collect()
     }
 
     /// Whether `token` belongs to a backend socket.
@@ -123,6 +142,7 @@ impl BackendWatch {
             match result {
                 Ok(()) => {
                     self.disconnected[i] = false;
+                    self.reconnects[i] += 1;
                     if let Some(ev) = self.events(i) {
                         if let Err(e) = ops.add(ev) {
                             warn!("cannot watch the new backend socket of device {i}: {e:?}");

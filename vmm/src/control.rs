@@ -1,6 +1,6 @@
 //! The control socket protocol: one JSON object per line in each direction.
 //!
-//! Requests: `{"cmd":"status"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`,
+//! Requests: `{"cmd":"status"}`, `{"cmd":"stats"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`,
 //! `{"cmd":"shutdown"}`. Replies: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
 //! Every malformed request gets an error reply; a line longer than
 //! [`MAX_REQUEST_LINE`] gets one and the connection is closed.
@@ -22,6 +22,8 @@ const MAX_PENDING_REPLY: usize = 64 * 1024;
 pub enum Request {
     /// Report the VM's state.
     Status,
+    /// Report the VM's state with per-device details.
+    Stats,
     /// Stop executing guest code until resumed.
     Pause,
     /// Continue after a pause.
@@ -48,7 +50,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
         .map(|w| w.cmd)
         .map_err(|e| {
         format!(
-            "bad request: {e}; expected {{\"cmd\": \"status\" | \"pause\" | \"resume\" | \"shutdown\"}}"
+            "bad request: {e}; expected {{\"cmd\": \"status\" | \"stats\" | \"pause\" | \"resume\" | \"shutdown\"}}"
         )
     })
 }
@@ -203,6 +205,7 @@ mod tests {
     #[test]
     fn parses_every_command() {
         assert_eq!(parse_request(br#"{"cmd":"status"}"#), Ok(Request::Status));
+        assert_eq!(parse_request(br#"{"cmd":"stats"}"#), Ok(Request::Stats));
         assert_eq!(parse_request(br#" {"cmd": "pause"} "#), Ok(Request::Pause));
         assert_eq!(parse_request(br#"{"cmd":"resume"}"#), Ok(Request::Resume));
         assert_eq!(

@@ -375,6 +375,14 @@ impl EventLoop {
                 "memory_bytes": self.facts.memory_bytes,
                 "uptime_ms": self.started.elapsed().as_millis() as u64,
             })),
+            Request::Stats => Reply::ok(json!({
+                "name": self.facts.name,
+                "state": self.state_name(),
+                "vcpus": self.facts.vcpus,
+                "memory_bytes": self.facts.memory_bytes,
+                "uptime_ms": self.started.elapsed().as_millis() as u64,
+                "devices": self.backends.stats(),
+            })),
             Request::Pause => {
                 if self.paused {
                     return Reply::error("already paused");

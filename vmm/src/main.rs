@@ -53,6 +53,8 @@ enum Command {
 enum CtlCommand {
     /// Report the VM's state.
     Status,
+    /// Report the VM's state with per-device details.
+    Stats,
     /// Stop running guest code.
     Pause,
     /// Continue after a pause.
@@ -65,6 +67,7 @@ impl CtlCommand {
     fn name(self) -> &'static str {
         match self {
             CtlCommand::Status => "status",
+            CtlCommand::Stats => "stats",
             CtlCommand::Pause => "pause",
             CtlCommand::Resume => "resume",
             CtlCommand::Shutdown => "shutdown",

@@ -372,11 +372,13 @@ fn guest_data_goes_through_keel_vhost_blk_and_survives_its_restart() {
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
     let socket = dir.path("blk.sock");
     let mut backend = start_keel_vhost_blk(&image, &socket, "keel-disk-1");
+    let control = dir.path("control.sock");
     let config = dir.probe_config(
-        "blk probe.rounds=40 probe.timeout_ms=20000",
+        "blk probe.rounds=120 probe.timeout_ms=20000",
         1,
         &format!(
-            "[devices]\nconnect_timeout = \"10s\"\n[[disk]]\nid = \"disk0\"\nsocket = \"{}\"\n",
+            "[control]\nsocket = \"{}\"\n[devices]\nconnect_timeout = \"10s\"\n[[disk]]\nid = \"disk0\"\nsocket = \"{}\"\n",
+            control.display(),
             socket.display()
         ),
     );
@@ -391,13 +393,26 @@ fn guest_data_goes_through_keel_vhost_blk_and_survives_its_restart() {
     );
     let _ = std::fs::remove_file(&socket);
     let _backend2 = start_keel_vhost_blk(&image, &socket, "keel-disk-1");
+    vmm.stderr
+        .wait_for("device disk0: backend is back", Duration::from_secs(30));
+    // The operator sees the reconnect in the control socket's stats.
+    let stats = Command::new(env!("CARGO_BIN_EXE_keel-vmm"))
+        .args(["ctl", "--socket"])
+        .arg(&control)
+        .arg("stats")
+        .output()
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    assert_eq!(stats["devices"][0]["id"], "disk0", "{stats}");
+    assert_eq!(stats["devices"][0]["backend"], "connected", "{stats}");
+    assert_eq!(stats["devices"][0]["reconnects"], 1, "{stats}");
     let status = vmm.wait(BOOT_TIMEOUT);
     let out = vmm.stdout.text();
     let err = vmm.stderr.text();
     assert!(status.success(), "{out}\n{err}");
     assert!(out.contains("serial=keel-disk-1"), "{out}");
     assert!(err.contains("device disk0: backend is back"), "{err}");
-    assert!(out.contains("keel-probe: virtio-blk round 40 ok"), "{out}");
+    assert!(out.contains("keel-probe: virtio-blk round 120 ok"), "{out}");
     assert!(out.contains("keel-probe: virtio done blk=ok"), "{out}");
     assert_probe_pattern(&std::fs::read(&image).unwrap(), 0);
 }
