@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use vhost::vhost_user::VhostUserProtocolFeatures;
 use vm_memory::GuestMemoryMmap;
 
@@ -192,7 +192,7 @@ impl VirtioDevice for VhostUserBlk {
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // Only the writeback byte (CONFIG_WCE) is writable; the backend would need a
         // SET_CONFIG to change its cache mode, which keel does not forward yet.
-        warn!(
+        debug!(
             "device {}: ignored {}-byte config write at {offset:#x}",
             self.settings.id,
             data.len()

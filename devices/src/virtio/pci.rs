@@ -110,7 +110,12 @@ pub struct VirtioPci {
     mapper: Option<(Arc<dyn BarMapper>, BarWindow)>,
     /// Where BAR 0 is currently mapped.
     mapped_bar0: u64,
+    needs_reset_count: u32,
+    activations: u32,
 }
+
+/// Guest-triggered events logged at warn/info level before going quiet (debug).
+const GUEST_ERROR_LOG_LIMIT: u32 = 10;
 
 fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec<u8> {
     let cap_len: u8 = if extra.is_some() { 20 } else { 16 };
@@ -213,6 +218,8 @@ impl VirtioPci {
             active: false,
             mapper: None,
             mapped_bar0: u64::from(bar0),
+            needs_reset_count: 0,
+            activations: 0,
         })
     }
 
@@ -321,12 +328,18 @@ impl VirtioPci {
         self.queue_select = 0;
         self.isr = 0;
         self.status = 0;
-        info!("{}: reset by the driver", self.name);
+        debug!("{}: reset by the driver", self.name);
     }
 
     /// Marks the device broken and tells the driver through a config interrupt.
     fn needs_reset(&mut self, why: &str) {
-        warn!("{}: needs reset: {why}", self.name);
+        // The guest can trigger this at will: log the first few, then quietly.
+        self.needs_reset_count = self.needs_reset_count.saturating_add(1);
+        if self.needs_reset_count <= GUEST_ERROR_LOG_LIMIT {
+            warn!("{}: needs reset: {why}", self.name);
+        } else {
+            debug!("{}: needs reset: {why}", self.name);
+        }
         self.status |= status::NEEDS_RESET;
         self.config_generation = self.config_generation.wrapping_add(1);
         self.isr |= ISR_CONFIG;
@@ -409,7 +422,12 @@ impl VirtioPci {
         {
             Ok(()) => {
                 self.active = true;
-                info!("{}: activated", self.name);
+                self.activations = self.activations.saturating_add(1);
+                if self.activations <= GUEST_ERROR_LOG_LIMIT {
+                    info!("{}: activated", self.name);
+                } else {
+                    debug!("{}: activated", self.name);
+                }
             }
             Err(e) => self.needs_reset(&e.to_string()),
         }
