@@ -13,7 +13,7 @@ use keel_devices::vhost_user::ConnectError;
 use keel_devices::virtio::pci::{VirtioPci, BAR0_SIZE};
 use keel_devices::virtio::VirtioDevice;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
-use log::info;
+use log::{info, warn};
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -125,6 +125,14 @@ pub fn attach(
 
     let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
     for disk in &config.disk {
+        if let Some(serial) = &disk.serial {
+            // GET_ID is answered by the backend from its own settings.
+            warn!(
+                "device {}: serial {serial:?} is informational here: the guest sees the \
+                 serial the backend reports (keel-vhost-blk --serial)",
+                disk.id
+            );
+        }
         let blk = VhostUserBlk::connect(BlkSettings {
             id: disk.id.clone(),
             socket: disk.socket.clone(),
