@@ -5,6 +5,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -33,6 +34,8 @@ pub const NUM_QUEUES: usize = 2;
 pub const ATTACH_EVENT: u16 = NUM_QUEUES as u16 + 1;
 /// Chains taken from a TX queue per round.
 pub const TX_BATCH: usize = 64;
+/// Longest busy-poll round before the worker returns to epoll.
+pub const MAX_POLL_ROUND: Duration = Duration::from_millis(50);
 /// Size of the virtio-net config space we serve (mac and status).
 const CONFIG_LEN: usize = 8;
 
@@ -49,24 +52,28 @@ pub struct PortBackend {
     port: Arc<Port>,
     mem: GuestMem,
     queue_size: u16,
+    poll: Duration,
     worker: Mutex<WorkerState>,
     broken_logged: AtomicBool,
     attach: EventFd,
 }
 
 impl PortBackend {
-    /// A backend for `port`; `mem` must be the memory handed to the daemon.
+    /// A backend for `port`; `mem` must be the memory handed to the daemon. A non-zero
+    /// `poll` selects busy-poll mode with that idle window.
     pub fn new(
         switch: Arc<Switch>,
         port: Arc<Port>,
         mem: GuestMem,
         queue_size: u16,
+        poll: Duration,
     ) -> io::Result<Self> {
         Ok(PortBackend {
             switch,
             port,
             mem,
             queue_size,
+            poll,
             worker: Mutex::new(WorkerState::default()),
             broken_logged: AtomicBool::new(false),
             attach: EventFd::new(EFD_NONBLOCK)?,
@@ -94,13 +101,15 @@ impl PortBackend {
         c
     }
 
-    /// Takes everything the frontend queued for transmission through the switch,
-    /// in batches, then re-enables notifications.
-    fn process_tx(&self, vring: &Vring) {
+    /// Takes everything the frontend queued for transmission through the switch, in
+    /// batches. With `rearm`, notifications are re-enabled at the end (and the ring
+    /// re-checked); without, they stay off (busy polling). Returns whether any chain
+    /// was taken.
+    fn process_tx(&self, vring: &Vring, rearm: bool) -> bool {
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
         if !state.get_queue().ready() || !state.is_enabled() {
-            return;
+            return false;
         }
         let hdr_len = net::header_len(self.port.features());
         let mut w = lock(&self.worker);
@@ -110,7 +119,7 @@ impl PortBackend {
         loop {
             if let Err(e) = q.disable_notification(&*mem) {
                 self.broken(&e.to_string());
-                return;
+                return false;
             }
             loop {
                 match net::pop_tx(q, &mem, hdr_len, batch, TX_BATCH) {
@@ -132,6 +141,9 @@ impl PortBackend {
                     break;
                 }
             }
+            if !rearm {
+                break;
+            }
             match q.enable_notification(&*mem) {
                 Ok(true) => continue,
                 Ok(false) => break,
@@ -141,11 +153,32 @@ impl PortBackend {
                 }
             }
         }
-        if used && q.needs_notification(&*mem).unwrap_or(true) {
+        if used && net::wants_interrupt(q, &mem) {
             if let Err(e) = state.signal_used_queue() {
                 debug!("{}: cannot signal TX: {e}", self.port.name());
             }
         }
+        used
+    }
+
+    /// Handles a TX kick: in event mode one pass; in busy-poll mode keep polling with
+    /// notifications off until the ring has been idle for the poll window (or for at
+    /// most [`MAX_POLL_ROUND`], to let the worker see its other events), then re-arm.
+    fn kick_tx(&self, vring: &Vring) {
+        if self.poll.is_zero() {
+            self.process_tx(vring, true);
+            return;
+        }
+        let start = Instant::now();
+        let mut idle_since = start;
+        while idle_since.elapsed() < self.poll && start.elapsed() < MAX_POLL_ROUND {
+            if self.process_tx(vring, false) {
+                idle_since = Instant::now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        self.process_tx(vring, true);
     }
 
     fn broken(&self, why: &str) {
@@ -242,7 +275,7 @@ impl VhostUserBackend for PortBackend {
             }
             e if usize::from(e) == TX_QUEUE => {
                 if let Some(tx) = vrings.get(TX_QUEUE) {
-                    self.process_tx(tx);
+                    self.kick_tx(tx);
                 }
             }
             // RX kicks: the driver posted buffers. Frames are delivered as they arrive

@@ -204,6 +204,10 @@ pub struct Args {
     /// Log one line of counters per port every N seconds (0: never).
     #[arg(long, default_value_t = 0)]
     pub stats_interval: u64,
+    /// Busy-poll mode: after a kick keep polling the TX ring until it has been idle
+    /// this many microseconds (0: event mode, sleep on kicks).
+    #[arg(long, default_value_t = 0)]
+    pub poll_us: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -217,6 +221,8 @@ struct RawFile {
     queue_size: u16,
     #[serde(default)]
     stats_interval: u64,
+    #[serde(default)]
+    poll_us: u64,
     #[serde(default)]
     port: Vec<toml::Spanned<PortConfig>>,
 }
@@ -241,6 +247,8 @@ pub struct SwitchConfig {
     pub queue_size: u16,
     /// Interval of the periodic stats log line; zero disables it.
     pub stats_interval: Duration,
+    /// Busy-poll idle window; zero means event mode.
+    pub poll: Duration,
 }
 
 impl SwitchConfig {
@@ -250,6 +258,9 @@ impl SwitchConfig {
                 "queue_size: expected a power of two from 1 to {MAX_QUEUE_SIZE}, found {}",
                 self.queue_size
             ));
+        }
+        if self.poll > Duration::from_secs(1) {
+            return Err("poll_us: expected at most 1000000".into());
         }
         if self.mac_ageing.is_zero() {
             return Err("mac_ageing: expected at least 1 second".into());
@@ -298,6 +309,7 @@ pub fn switch_from_args(args: &Args) -> Result<SwitchConfig, ConfigError> {
         mac_ageing: Duration::from_secs(args.mac_ageing),
         queue_size: args.queue_size,
         stats_interval: Duration::from_secs(args.stats_interval),
+        poll: Duration::from_micros(args.poll_us),
     };
     cfg.validate().map_err(ConfigError::Args)?;
     if let Some(m) = duplicate(&cfg.ports) {
@@ -345,6 +357,7 @@ pub fn parse_toml(text: &str, file: &Path) -> Result<SwitchConfig, ConfigError> 
         mac_ageing: Duration::from_secs(raw.mac_ageing),
         queue_size: raw.queue_size,
         stats_interval: Duration::from_secs(raw.stats_interval),
+        poll: Duration::from_micros(raw.poll_us),
     };
     cfg.validate().map_err(|m| invalid(0, m))?;
     if cfg.ports.is_empty() && cfg.control.is_none() {

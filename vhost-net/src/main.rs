@@ -26,7 +26,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let switch = Arc::new(Switch::new(cfg.mac_ageing));
-    let server = Server::new(switch.clone(), cfg.queue_size);
+    let server = Server::new(switch.clone(), cfg.queue_size, cfg.poll);
     for port in &cfg.ports {
         if let Err(e) = server.add_port(port.clone()) {
             error!("port {}: {e}", port.name);

@@ -25,6 +25,23 @@ pub const MIN_FRAME_LEN: usize = 14;
 /// Ethernet and VLAN headers and the virtio-net header, as other backends allow.
 pub const MAX_CHAIN_LEN: usize = 65562;
 
+/// `VRING_AVAIL_F_NO_INTERRUPT`: the driver polls and wants no used-buffer interrupts.
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Whether the driver wants an interrupt for the used entries added since the last
+/// call: the EVENT_IDX rule when negotiated, else the avail ring's NO_INTERRUPT flag
+/// (which polling drivers such as DPDK's set, sparing an eventfd write per batch).
+pub fn wants_interrupt(q: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    if q.event_idx_enabled() {
+        return q.needs_notification(mem).unwrap_or(true);
+    }
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    match mem.read_obj::<u16>(GuestAddress(q.avail_ring())) {
+        Ok(flags) => u16::from_le(flags) & AVAIL_F_NO_INTERRUPT == 0,
+        Err(_) => true,
+    }
+}
+
 /// Why a frame from the frontend was not forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum TxDrop {

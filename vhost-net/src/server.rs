@@ -48,15 +48,17 @@ pub enum ServeError {
 pub struct Server {
     switch: Arc<Switch>,
     queue_size: u16,
+    poll: Duration,
     threads: Mutex<HashMap<u64, JoinHandle<()>>>,
 }
 
 impl Server {
-    /// A server with no ports yet.
-    pub fn new(switch: Arc<Switch>, queue_size: u16) -> Arc<Server> {
+    /// A server with no ports yet; a non-zero `poll` selects busy-poll mode.
+    pub fn new(switch: Arc<Switch>, queue_size: u16, poll: Duration) -> Arc<Server> {
         Arc::new(Server {
             switch,
             queue_size,
+            poll,
             threads: Mutex::new(HashMap::new()),
         })
     }
@@ -78,10 +80,15 @@ impl Server {
                 return Err(ServeError::Listen { path, source });
             }
         };
-        let (switch, p, qs) = (self.switch.clone(), port.clone(), self.queue_size);
+        let (switch, p, qs, poll) = (
+            self.switch.clone(),
+            port.clone(),
+            self.queue_size,
+            self.poll,
+        );
         let handle = std::thread::Builder::new()
             .name(format!("port-{}", port.name()))
-            .spawn(move || serve_port(&switch, &p, listener, qs));
+            .spawn(move || serve_port(&switch, &p, listener, qs, poll));
         let handle = match handle {
             Ok(h) => h,
             Err(e) => {
@@ -119,9 +126,15 @@ impl Server {
 }
 
 /// Serves frontends on `port` until the port is removed.
-fn serve_port(switch: &Arc<Switch>, port: &Arc<Port>, mut listener: Listener, queue_size: u16) {
+fn serve_port(
+    switch: &Arc<Switch>,
+    port: &Arc<Port>,
+    mut listener: Listener,
+    queue_size: u16,
+    poll: Duration,
+) {
     while !port.is_removed() {
-        if let Err(e) = serve_one(switch, port, &mut listener, queue_size) {
+        if let Err(e) = serve_one(switch, port, &mut listener, queue_size, poll) {
             warn!("port {}: {e}", port.name());
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -135,6 +148,7 @@ fn serve_one(
     port: &Arc<Port>,
     listener: &mut Listener,
     queue_size: u16,
+    poll: Duration,
 ) -> Result<(), ServeError> {
     let name = port.name();
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
@@ -143,6 +157,7 @@ fn serve_one(
         port.clone(),
         mem.clone(),
         queue_size,
+        poll,
     )?);
     let mut daemon = VhostUserDaemon::new(format!("net-{name}"), backend.clone(), mem)
         .map_err(|e| ServeError::Daemon(e.to_string()))?;
