@@ -4,8 +4,9 @@
 set -euo pipefail
 
 # qemu-system-common: qemu-storage-daemon (vhost-user-blk peer in tests);
-# dpdk, dpdk-dev: testpmd (vhost-user-net peer); qemu-system-x86: reference VMM in bench/.
-APT_PACKAGES=(build-essential pkg-config curl ca-certificates qemu-system-common qemu-system-x86 dpdk dpdk-dev)
+# dpdk, dpdk-dev: testpmd (vhost-user-net peer); qemu-system-x86: reference VMM in bench/
+# and TCG boot tests of keel-image; e2fsprogs, erofs-utils: rootfs images; busybox-static: test guest.
+APT_PACKAGES=(build-essential pkg-config curl ca-certificates qemu-system-common qemu-system-x86 dpdk dpdk-dev e2fsprogs erofs-utils busybox-static)
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -29,10 +30,10 @@ if ! command -v rustup >/dev/null 2>&1; then
     curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
     export PATH="$HOME/.cargo/bin:$PATH"
 fi
-# The probe guest is a bare-metal x86_64 binary.
-if ! rustup target list --installed | grep -qx x86_64-unknown-none; then
-    rustup target add x86_64-unknown-none
-fi
+# The probe guest is a bare-metal x86_64 binary; keel-init (guest PID 1) is static musl.
+for target in x86_64-unknown-none x86_64-unknown-linux-musl; do
+    rustup target list --installed | grep -qx "$target" || rustup target add "$target"
+done
 for component in rustfmt clippy; do
     rustup component list --installed | grep -q "^$component" || rustup component add "$component"
 done

@@ -96,9 +96,11 @@ fn run(start: Duration) -> Result<i32, InitError> {
     cfg.apply_cmdline(&cmdline)?;
     cfg.validate()?;
 
+    let t_modules = sys::monotonic();
     for m in &cfg.modules {
         sys::load_module(m)?;
     }
+    let t_net = sys::monotonic();
 
     if let Err(e) = net::loopback_up() {
         say(&format!("warning: lo: {e}"));
@@ -108,6 +110,7 @@ fn run(start: Duration) -> Result<i32, InitError> {
         net::configure(&ifname, ip, cfg.gw, cfg.mtu)?;
     }
 
+    let t_root = sys::monotonic();
     let rootmount = cfg.rootmount.as_deref().unwrap_or(DEFAULT_ROOTMOUNT);
     if let Some(root) = &cfg.root {
         sys::wait_for(root, DEVICE_TIMEOUT)?;
@@ -116,6 +119,7 @@ fn run(start: Duration) -> Result<i32, InitError> {
         sys::mount(root, rootmount, fstype, flags, false)?;
     }
 
+    let t_exec = sys::monotonic();
     let program = cfg.app.first().cloned().unwrap_or_default();
     let mut cmd = Command::new(&program);
     cmd.args(cfg.app.iter().skip(1))
@@ -132,9 +136,15 @@ fn run(start: Duration) -> Result<i32, InitError> {
         err,
     })?;
     let started = sys::monotonic();
+    let us = |a: Duration, b: Duration| b.saturating_sub(a).as_micros();
     say(&format!(
-        "app started after {} us (kernel until init: {} ms)",
-        started.saturating_sub(start).as_micros(),
+        "app started after {} us (setup {} us, modules {} us, network {} us, root {} us, exec {} us; kernel until init {} ms)",
+        us(start, started),
+        us(start, t_modules),
+        us(t_modules, t_net),
+        us(t_net, t_root),
+        us(t_root, t_exec),
+        us(t_exec, started),
         start.as_millis()
     ));
 

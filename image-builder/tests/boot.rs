@@ -1,0 +1,156 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Boots keel-image output with the Debian cloud kernel under QEMU TCG (a test-only
+//! stand-in for keel-vmm on machines without VT-x, see MACHINE.md): keel-init loads
+//! the modules, configures the network, mounts the root disk and runs the app, which
+//! checks the disk and pings the gateway; the VM powers off with the app's status.
+
+mod common;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// One TCG guest at a time: each one keeps a host core busy.
+static QEMU: Mutex<()> = Mutex::new(());
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Boots `image` with `disk` as virtio-blk and a QEMU user-net virtio-net NIC; returns
+/// the serial console output once the VM powers off.
+fn boot(image: &Path, disk: &Path, extra_cmdline: &str) -> String {
+    let _one = QEMU.lock().unwrap_or_else(|e| e.into_inner());
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "512",
+            "-smp",
+            "1",
+            "-nographic",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(image.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(image.join("initramfs.cpio.gz"))
+        .arg("-append")
+        .arg(format!("console=ttyS0 panic=-1 quiet {extra_cmdline}"))
+        .arg("-drive")
+        .arg(format!("file={},if=virtio,format=raw", disk.display()))
+        .args([
+            "-netdev",
+            "user,id=n0",
+            "-device",
+            "virtio-net-pci,netdev=n0,romfile=",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("qemu-system-x86_64 (package qemu-system-x86) is needed for this test");
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stdout.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > BOOT_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("guest did not power off within {BOOT_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = reader.join().unwrap();
+    eprintln!("--- guest console ({:?}) ---\n{out}", start.elapsed());
+    assert!(status.success(), "qemu exited with {status}");
+    out
+}
+
+fn build_image(spec: &str, dir: &Path) -> std::path::PathBuf {
+    let out = dir.join("image");
+    common::build_ok(&common::data(spec), &out);
+    out
+}
+
+fn writable_disk(image: &Path, dir: &Path) -> std::path::PathBuf {
+    let disk = dir.join("disk.img");
+    std::fs::copy(image.join("rootfs.img"), &disk).unwrap();
+    disk
+}
+
+fn assert_has(out: &str, needle: &str) {
+    assert!(out.contains(needle), "console lacks {needle:?}");
+}
+
+#[test]
+fn ext4_root_and_network_from_cmdline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = build_image("boot/ext4.toml", tmp.path());
+    let disk = writable_disk(&image, tmp.path());
+    let out = boot(
+        &image,
+        &disk,
+        "keel.ip=10.0.2.15/24 keel.gw=10.0.2.2 keel.mtu=1500",
+    );
+    assert_has(&out, "keel-init: app started after ");
+    assert_has(&out, "app: args=rw greeting=hello");
+    assert_has(&out, "app: disk ok");
+    assert_has(&out, "app: net ok");
+    assert_has(&out, "app: all checks passed");
+    assert_has(&out, "keel-init: app exited with status 7");
+    assert_has(&out, "keel-init: powering off with status 7");
+
+    // The guest's write reached the disk image.
+    let cat = Command::new("debugfs")
+        .arg("-R")
+        .arg("cat /data/new.txt")
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&cat.stdout).trim(),
+        "written by the guest"
+    );
+}
+
+#[test]
+fn erofs_read_only_root_and_network_from_spec() {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = build_image("boot/erofs.toml", tmp.path());
+    let disk = writable_disk(&image, tmp.path());
+    let out = boot(&image, &disk, "");
+    assert_has(&out, "app: args=ro greeting=hello");
+    assert_has(&out, "app: disk ok");
+    assert_has(&out, "app: net ok");
+    assert_has(&out, "keel-init: app exited with status 7");
+}
+
+#[test]
+fn init_error_is_one_line_and_powers_off_nonzero() {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = build_image("boot/ext4.toml", tmp.path());
+    let disk = writable_disk(&image, tmp.path());
+    let out = boot(&image, &disk, "keel.rootfstype=keelfs");
+    assert_has(
+        &out,
+        "keel-init: error: mount keelfs /dev/vda on /rootfs: No such device",
+    );
+    assert_has(&out, "keel-init: powering off with status 1");
+    assert!(!out.contains("app started"), "the app must not run");
+
+    let out = boot(&image, &disk, "keel.bogus=1");
+    assert_has(
+        &out,
+        "keel-init: error: kernel command line: unknown key \"bogus\"",
+    );
+    assert_has(&out, "keel-init: powering off with status 1");
+}

@@ -1,0 +1,20 @@
+#!/bin/sh
+# Guest-side checks for image-builder/tests/boot.rs (runs under busybox sh).
+# $1 = rw: write and read back a file on the root disk; ro: writing must fail.
+# CHECK_NET=1: ping the gateway (QEMU user networking answers at 10.0.2.2).
+mode=$1
+echo "app: args=$* greeting=$GREETING"
+[ "$(cat /rootfs/data/hello.txt)" = "hello from the rootfs" ] || { echo "app: rootfs read failed"; exit 3; }
+if [ "$mode" = rw ]; then
+    echo "written by the guest" > /rootfs/data/new.txt && sync
+    [ "$(cat /rootfs/data/new.txt)" = "written by the guest" ] || { echo "app: rootfs write failed"; exit 4; }
+elif echo x 2>/dev/null > /rootfs/data/new.txt; then
+    echo "app: read-only rootfs was writable"; exit 5
+fi
+echo "app: disk ok"
+if [ -n "$CHECK_NET" ]; then
+    ping -c 1 -W 5 10.0.2.2 > /dev/null || { echo "app: ping failed"; exit 6; }
+    echo "app: net ok"
+fi
+echo "app: all checks passed"
+exit 7
