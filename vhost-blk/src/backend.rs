@@ -23,6 +23,7 @@ use vmm_sys_util::event::{
 use crate::config::{DiskConfig, Mode};
 use crate::disk::Disk;
 use crate::engine::EngineError;
+use crate::inflight::InflightArea;
 use crate::worker::QueueWorker;
 
 /// Guest memory as the vhost-user-backend crate shares it.
@@ -84,6 +85,20 @@ impl BlkBackend {
     pub fn completion_event(&self, index: usize) -> Option<(RawFd, u64)> {
         let fd = lock(self.workers.get(index)?).completion_fd();
         Some((fd, u64::from(self.queues) + COMPLETION_EVENT_OFFSET))
+    }
+
+    /// Number of queues and largest queue size: the most an inflight area may cover.
+    pub fn inflight_limits(&self) -> (u16, u16) {
+        (self.queues, self.queue_size)
+    }
+
+    /// Attaches the frontend's inflight area (SET_INFLIGHT_FD): every queue it covers
+    /// is recovered from it when the queue next runs.
+    pub fn set_inflight(&self, area: &Arc<InflightArea>) {
+        for (i, worker) in self.workers.iter().enumerate() {
+            let tracker = u16::try_from(i).ok().and_then(|i| area.queue(i));
+            lock(worker).set_tracker(tracker);
+        }
     }
 
     /// The virtio-blk config space.
@@ -167,7 +182,13 @@ impl BlkBackend {
         }
         let mut worker = lock(worker);
         let q = state.get_queue_mut();
-        let mut used = worker.process_completions(q, &mem, woken_by_completion);
+        let mut used = 0;
+        if worker.needs_recovery() {
+            used += worker
+                .recover(q, &mem)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+        }
+        used += worker.process_completions(q, &mem, woken_by_completion);
         used += worker
             .process_avail(q, &mem, rearm)
             .map_err(|e| io::Error::other(e.to_string()))?;
@@ -228,6 +249,7 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -1,5 +1,9 @@
 //! Serving one disk on its vhost-user socket, one frontend after another.
 
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use log::{info, warn};
@@ -12,6 +16,7 @@ use crate::backend::BlkBackend;
 use crate::config::DiskConfig;
 use crate::disk::{Disk, DiskError};
 use crate::engine::EngineError;
+use crate::relay::Relay;
 
 /// Why a disk could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -34,59 +39,147 @@ pub enum ServeError {
     /// The vhost-user daemon failed to start or to register its events.
     #[error("vhost-user daemon: {0}")]
     Daemon(String),
+    /// A frontend connection could not be accepted or relayed.
+    #[error("{path}: {source}")]
+    Connection {
+        /// The socket path.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-/// Opens the disk, listens on its socket and serves frontends until the process ends.
-/// A frontend that disconnects (or breaks the protocol) is logged; the next one is
-/// accepted on the same socket with fresh queue state.
-pub fn serve(cfg: &DiskConfig) -> Result<(), ServeError> {
-    let disk = Arc::new(Disk::open(cfg)?);
-    let path = cfg.socket.display().to_string();
-    let mut listener = Listener::new(&cfg.socket, true).map_err(|source| ServeError::Listen {
-        path: path.clone(),
-        source,
-    })?;
-    info!(
-        "serving {} ({} sectors{}) on {path}",
-        cfg.image.display(),
-        disk.sectors(),
-        if disk.read_only { ", read-only" } else { "" }
-    );
-    loop {
-        serve_one(cfg, &disk, &mut listener, &path)?;
+/// Frontends connected across all disks of this process (for `STATUS=`).
+static CONNECTED: AtomicUsize = AtomicUsize::new(0);
+
+/// A disk whose image is open and whose socket is listening.
+pub struct Export {
+    cfg: DiskConfig,
+    disk: Arc<Disk>,
+    listener: Listener,
+    path: String,
+}
+
+impl Export {
+    /// Opens the image and listens on the socket, so frontends can connect as soon as
+    /// this returns (before [`Export::serve`] runs).
+    pub fn listen(cfg: &DiskConfig) -> Result<Export, ServeError> {
+        let disk = Arc::new(Disk::open(cfg)?);
+        let path = cfg.socket.display().to_string();
+        let listener = Listener::new(&cfg.socket, true).map_err(|source| ServeError::Listen {
+            path: path.clone(),
+            source,
+        })?;
+        info!(
+            "serving {} ({} sectors{}) on {path}",
+            cfg.image.display(),
+            disk.sectors(),
+            if disk.read_only { ", read-only" } else { "" }
+        );
+        Ok(Export {
+            cfg: cfg.clone(),
+            disk,
+            listener,
+            path,
+        })
     }
-}
 
-/// Accepts one frontend and serves it until it goes away.
-fn serve_one(
-    cfg: &DiskConfig,
-    disk: &Arc<Disk>,
-    listener: &mut Listener,
-    path: &str,
-) -> Result<(), ServeError> {
-    let backend = Arc::new(BlkBackend::new(disk.clone(), cfg)?);
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let mut daemon = VhostUserDaemon::new(format!("keel-blk:{path}"), backend.clone(), mem)
-        .map_err(|e| ServeError::Daemon(e.to_string()))?;
-    for (i, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-        if let Some((fd, id)) = backend.completion_event(i) {
-            handler
-                .register_listener(fd, EventSet::IN, id)
-                .map_err(|e| ServeError::Daemon(format!("register completion eventfd: {e}")))?;
+    /// The open disk (for a final flush at shutdown).
+    pub fn disk(&self) -> Arc<Disk> {
+        self.disk.clone()
+    }
+
+    /// Serves frontends until the process ends. A frontend that disconnects (or breaks
+    /// the protocol) is logged; the next one is accepted with fresh queue state.
+    pub fn serve(mut self) -> Result<(), ServeError> {
+        let mut n = 0u64;
+        loop {
+            n += 1;
+            self.serve_one(n)?;
         }
     }
-    daemon
-        .start(listener)
-        .map_err(|e| ServeError::Daemon(e.to_string()))?;
-    info!("{path}: frontend connected");
-    match daemon.wait() {
-        Ok(()) => info!("{path}: frontend disconnected"),
-        Err(e) => warn!("{path}: frontend connection ended: {e}"),
+
+    /// Accepts one frontend and serves it until it goes away.
+    fn serve_one(&mut self, n: u64) -> Result<(), ServeError> {
+        let conn_err = |source| ServeError::Connection {
+            path: self.path.clone(),
+            source,
+        };
+        let backend = Arc::new(BlkBackend::new(self.disk.clone(), &self.cfg)?);
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon =
+            VhostUserDaemon::new(format!("keel-blk:{}", self.path), backend.clone(), mem)
+                .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        for (i, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+            if let Some((fd, id)) = backend.completion_event(i) {
+                handler
+                    .register_listener(fd, EventSet::IN, id)
+                    .map_err(|e| ServeError::Daemon(format!("register completion eventfd: {e}")))?;
+            }
+        }
+        let frontend = loop {
+            match self.listener.accept() {
+                Ok(Some(s)) => break s,
+                Ok(None) => continue,
+                Err(e) => return Err(conn_err(std::io::Error::other(e.to_string()))),
+            }
+        };
+        // The daemon gets its end of the connection through a private socket, and the
+        // relay sits between it and the frontend (see `relay`).
+        let (mut private, inner) = private_connection(&self.cfg.socket, n).map_err(conn_err)?;
+        let started = daemon
+            .start(&mut private)
+            .map_err(|e| ServeError::Daemon(e.to_string()));
+        drop(private);
+        started?;
+        let relay = Relay::start(frontend, inner, backend.clone()).map_err(conn_err)?;
+        info!("{}: frontend connected", self.path);
+        let now = CONNECTED.fetch_add(1, Ordering::Relaxed) + 1;
+        crate::notify::status(&format!("{now} frontend(s) connected"));
+        match daemon.wait() {
+            Ok(()) => info!("{}: frontend disconnected", self.path),
+            Err(e) => warn!("{}: frontend connection ended: {e}", self.path),
+        }
+        for handler in daemon.get_epoll_handlers() {
+            handler.send_exit_event();
+        }
+        // Dropping the daemon joins the queue threads; dropping the backend drains the
+        // rings.
+        drop(daemon);
+        relay.join();
+        let now = CONNECTED.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
+        crate::notify::status(&format!("{now} frontend(s) connected"));
+        Ok(())
     }
-    for handler in daemon.get_epoll_handlers() {
-        handler.send_exit_event();
-    }
-    // Dropping the daemon joins the queue threads; dropping the backend drains the rings.
-    drop(daemon);
-    Ok(())
+}
+
+/// A listener with one connection already queued, plus that connection's other end.
+/// The listener lives in a directory only this user can enter, removed again before
+/// this returns, so no other process can take the daemon's place.
+fn private_connection(socket: &Path, n: u64) -> std::io::Result<(Listener, UnixStream)> {
+    let name = socket
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let parent = socket
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let dir = parent.join(format!(".{name}.{}.{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let result = (|| {
+        let path = dir.join("s");
+        let listener = UnixListener::bind(&path)?;
+        let inner = UnixStream::connect(&path)?;
+        Ok((Listener::from(listener), inner))
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// Opens, listens and serves one disk (for callers that need no readiness step).
+pub fn serve(cfg: &DiskConfig) -> Result<(), ServeError> {
+    Export::listen(cfg)?.serve()
 }
