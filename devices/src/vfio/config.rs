@@ -35,7 +35,6 @@ pub const NUM_BARS: usize = 6;
 
 const REG_COMMAND: usize = 1;
 const REG_BAR0: usize = 4;
-const REG_ROM: usize = 12;
 const REG_CAP_PTR: usize = 13;
 const REG_INTERRUPT: usize = 15;
 
@@ -55,7 +54,9 @@ pub enum ConfigError {
     #[error("configuration space is {0} bytes, expected at least 256")]
     TooShort(usize),
     /// Not a type-0 (endpoint) header.
-    #[error("header type {0:#x} is not a type-0 endpoint header (bridges cannot be passed through)")]
+    #[error(
+        "header type {0:#x} is not a type-0 endpoint header (bridges cannot be passed through)"
+    )]
     NotEndpoint(u8),
     /// A capability pointer points outside 0x40..0xff.
     #[error("capability pointer {0:#x} is outside the capability area")]
@@ -104,7 +105,10 @@ impl BarDesc {
 
 /// The BARs of a device from its configuration space and its VFIO region sizes,
 /// not yet placed (addresses 0). Sizes that are not powers of two are rounded up.
-pub fn describe_bars(space: &[u8], sizes: [u64; NUM_BARS]) -> Result<[BarDesc; NUM_BARS], ConfigError> {
+pub fn describe_bars(
+    space: &[u8],
+    sizes: [u64; NUM_BARS],
+) -> Result<[BarDesc; NUM_BARS], ConfigError> {
     let mut bars = [BarDesc::default(); NUM_BARS];
     let mut i = 0;
     while i < NUM_BARS {
@@ -128,7 +132,11 @@ pub fn describe_bars(space: &[u8], sizes: [u64; NUM_BARS]) -> Result<[BarDesc; N
                 return Err(ConfigError::BadBar(i));
             }
             bars[i] = BarDesc {
-                kind: if is_64 { BarKind::Mem64 } else { BarKind::Mem32 },
+                kind: if is_64 {
+                    BarKind::Mem64
+                } else {
+                    BarKind::Mem32
+                },
                 prefetchable: raw & 8 != 0,
                 size: size.max(16),
                 addr: 0,
@@ -292,7 +300,6 @@ impl VfioConfig {
                 BarKind::Io | BarKind::Unused => {}
             }
         }
-        let _ = REG_ROM;
     }
 
     fn set_byte_policy(&mut self, at: usize, virt: Option<u8>) {
@@ -347,8 +354,7 @@ impl VfioConfig {
         if let Some(msix) = self.msix {
             let at = msix.offset;
             let next = (self.regs[at / 4].virt >> 8) & 0xff;
-            for b in at..at + 12 {
-                let v = space[b];
+            for (b, &v) in space.iter().enumerate().skip(at).take(12) {
                 self.set_byte_policy(b, Some(v));
             }
             let reg = &mut self.regs[at / 4];

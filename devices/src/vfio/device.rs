@@ -253,12 +253,15 @@ impl VfioPciDevice {
         let size = self.config.bars()[i].size;
         let mut target = current;
         if let (Some(wanted), Some((mapper, window))) = (self.config.bar_address(i), &self.mapper) {
-            let fits = wanted >= window.start
-                && wanted.checked_add(size).is_some_and(|e| e <= window.end);
+            let fits =
+                wanted >= window.start && wanted.checked_add(size).is_some_and(|e| e <= window.end);
             if memory_on && fits && wanted != current {
                 match mapper.move_bar(current, wanted, size) {
                     Ok(()) => {
-                        info!("{}: BAR {i} moved by the guest {current:#x} -> {wanted:#x}", self.name);
+                        info!(
+                            "{}: BAR {i} moved by the guest {current:#x} -> {wanted:#x}",
+                            self.name
+                        );
                         target = wanted;
                         self.mapped[i] = Some(wanted);
                     }
@@ -273,16 +276,17 @@ impl VfioPciDevice {
             return;
         };
         let areas = &mut self.areas[i];
-        let at_target = areas
-            .iter()
-            .all(|a| a.mapped_at == Some(target + a.offset));
+        let at_target = areas.iter().all(|a| a.mapped_at == Some(target + a.offset));
         if memory_on && at_target {
             return;
         }
         bars::unmap_all(&slots, areas, &self.name);
         if memory_on {
             if let Err(e) = bars::map_all(&slots, areas, target) {
-                warn!("{}: BAR {i}: direct mapping failed, trapping: {e}", self.name);
+                warn!(
+                    "{}: BAR {i}: direct mapping failed, trapping: {e}",
+                    self.name
+                );
                 bars::unmap_all(&slots, areas, &self.name);
             }
         }
