@@ -97,6 +97,8 @@ pub struct Manifest {
     pub cmdline: String,
     /// Root file system type.
     pub rootfs: String,
+    /// Debian packages unpacked into the rootfs (`name=version`).
+    pub rootfs_packages: Vec<String>,
     /// Output files.
     pub files: Vec<FileEntry>,
 }
@@ -454,13 +456,37 @@ pub fn build(opts: &Options) -> Result<Manifest, BuildError> {
     written.insert("initramfs.cpio.gz".into(), archive.to_gzip(mtime)?);
 
     let mut rootfs_size = None;
+    let mut rootfs_packages = Vec::new();
     if s.rootfs.kind != RootfsType::None {
-        let dir = s
-            .rootfs
-            .dir
-            .as_ref()
-            .map(|d| l.resolve(d))
-            .unwrap_or_default();
+        let r = &s.rootfs;
+        let dir = match (&r.dir, &r.tar, r.packages.is_empty()) {
+            (Some(d), None, true) => l.resolve(d),
+            _ => {
+                let merged = tmp.join(".rootfs-src");
+                std::fs::create_dir(&merged).map_err(out_err(&merged))?;
+                if let Some(d) = &r.dir {
+                    rootfs::copy_tree(&l.resolve(d), &merged)?;
+                }
+                if let Some(t) = &r.tar {
+                    let t = l.resolve(t);
+                    kernel::run_tool(
+                        std::process::Command::new("tar")
+                            .arg("-xf")
+                            .arg(&t)
+                            .arg("-C")
+                            .arg(&merged)
+                            .args(["--no-same-owner", "--delay-directory-restore"]),
+                        "tar",
+                        &t.display().to_string(),
+                    )?;
+                }
+                for p in &r.packages {
+                    let got = kernel::unpack_deb(p, &opts.cache.join("debs"), &merged)?;
+                    rootfs_packages.push(got);
+                }
+                merged
+            }
+        };
         let limit = s.rootfs.size.as_deref().and_then(spec::parse_size);
         let uuid_hash = Sha256::digest(format!("keel-image rootfs {}", l.name).as_bytes());
         let mut uuid = [0u8; 16];
@@ -478,6 +504,7 @@ pub fn build(opts: &Options) -> Result<Manifest, BuildError> {
             &uuid,
         )?);
         let _ = std::fs::remove_dir_all(&staging);
+        let _ = std::fs::remove_dir_all(tmp.join(".rootfs-src"));
     }
 
     let mut cmdline = String::from("console=ttyS0 reboot=k panic=-1 quiet");
@@ -540,6 +567,7 @@ pub fn build(opts: &Options) -> Result<Manifest, BuildError> {
         modules: modules.iter().map(|m| m.name.clone()).collect(),
         cmdline,
         rootfs: s.rootfs.kind.fstype().into(),
+        rootfs_packages,
         files,
     };
     let json = serde_json::to_string_pretty(&manifest)

@@ -13,8 +13,10 @@ pub const DEFAULT_PACKAGE: &str = "linux-image-cloud-amd64";
 #[derive(Debug, Error)]
 pub enum KernelError {
     /// apt-cache does not know the package.
-    #[error("kernel package {package} not found in apt's package lists ({detail}); check the name or run apt-get update")]
+    #[error("{what} {package} not found in apt's package lists ({detail}); check the name or run apt-get update")]
     UnknownPackage {
+        /// Which kind of package.
+        what: &'static str,
         /// Package name.
         package: String,
         /// apt-cache output.
@@ -90,7 +92,7 @@ pub(crate) fn run_tool(
 }
 
 /// `(version, depends)` of the candidate version of a package, from apt-cache.
-fn apt_show(package: &str) -> Result<(String, String), KernelError> {
+fn apt_show(package: &str, what: &'static str) -> Result<(String, String), KernelError> {
     let out = Command::new("apt-cache")
         .args(["show", "--no-all-versions", package])
         .output()
@@ -107,6 +109,7 @@ fn apt_show(package: &str) -> Result<(String, String), KernelError> {
     match field("Version:") {
         Some(v) if out.status.success() => Ok((v, field("Depends:").unwrap_or_default())),
         _ => Err(KernelError::UnknownPackage {
+            what,
             package: package.to_string(),
             detail: String::from_utf8_lossy(&out.stderr)
                 .lines()
@@ -121,7 +124,7 @@ fn apt_show(package: &str) -> Result<(String, String), KernelError> {
 /// `linux-image-cloud-amd64` to the real one), downloading and unpacking it into
 /// `cache` if it is not there yet.
 pub fn from_debian(package: &str, cache: &Path) -> Result<Kernel, KernelError> {
-    let (mut version, depends) = apt_show(package)?;
+    let (mut version, depends) = apt_show(package, "kernel package")?;
     let mut real = package.to_string();
     // A meta package depends on exactly the versioned image package.
     if let Some(dep) = depends
@@ -130,7 +133,7 @@ pub fn from_debian(package: &str, cache: &Path) -> Result<Kernel, KernelError> {
         .find(|d| d.starts_with("linux-image-"))
     {
         real = dep.split_whitespace().next().unwrap_or(dep).to_string();
-        version = apt_show(&real)?.0;
+        version = apt_show(&real, "kernel package")?.0;
     }
     let dir = cache.join(format!("{real}_{version}"));
     let root = dir.join("root");
@@ -210,6 +213,56 @@ fn fetch(package: &str, version: &str, dir: &Path) -> Result<(), KernelError> {
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result
+}
+
+/// Unpacks the candidate version of a Debian package into `dest` (no dependencies,
+/// no maintainer scripts), downloading the .deb into `cache` once. Returns
+/// `package=version`.
+pub fn unpack_deb(package: &str, cache: &Path, dest: &Path) -> Result<String, KernelError> {
+    let (version, _) = apt_show(package, "rootfs package")?;
+    let dir = cache.join(format!("{package}_{version}"));
+    let cache_err = |path: &Path, err| KernelError::Cache {
+        path: path.display().to_string(),
+        err,
+    };
+    let find_deb = |d: &Path| -> Option<PathBuf> {
+        std::fs::read_dir(d)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+    };
+    let deb = match find_deb(&dir) {
+        Some(deb) => deb,
+        None => {
+            let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::create_dir_all(&tmp).map_err(|e| cache_err(&tmp, e))?;
+            log::info!("downloading {package}={version}");
+            let got = run_tool(
+                Command::new("apt-get")
+                    .args(["download", "-q", &format!("{package}={version}")])
+                    .current_dir(&tmp),
+                "apt-get download",
+                package,
+            );
+            if let Err(e) = got {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::rename(&tmp, &dir).map_err(|e| cache_err(&dir, e))?;
+            find_deb(&dir).ok_or_else(|| {
+                KernelError::Layout(format!("apt-get download {package} left no .deb"))
+            })?
+        }
+    };
+    run_tool(
+        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(dest),
+        "dpkg-deb -x",
+        package,
+    )?;
+    Ok(format!("{package}={version}"))
 }
 
 /// A local kernel file, with optional modules directory.

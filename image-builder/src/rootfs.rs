@@ -55,9 +55,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RootfsError + '_ {
     }
 }
 
-/// Copies `src` into `dst` (sorted), keeping permission bits and symlinks. Returns
-/// the relative paths copied and an estimate of the bytes an image needs.
-fn stage(src: &Path, dst: &Path) -> Result<(Vec<PathBuf>, u64), RootfsError> {
+/// Copies `src` into the new or empty directory `dst`, keeping permission bits and
+/// symlinks. Returns the relative paths copied (sorted) and an estimate of the bytes
+/// an image needs.
+pub fn copy_tree(src: &Path, dst: &Path) -> Result<(Vec<PathBuf>, u64), RootfsError> {
     std::fs::create_dir_all(dst).map_err(io_err(dst))?;
     let mut paths = Vec::new();
     let mut bytes = 4096u64;
@@ -99,12 +100,18 @@ fn stage(src: &Path, dst: &Path) -> Result<(Vec<PathBuf>, u64), RootfsError> {
         // Pop in sorted order.
         stack.extend(subdirs.into_iter().rev());
     }
+    paths.sort();
+    Ok((paths, bytes))
+}
+
+/// `copy_tree` plus every timestamp set to SOURCE_DATE_EPOCH.
+fn stage(src: &Path, dst: &Path) -> Result<(Vec<PathBuf>, u64), RootfsError> {
+    let (paths, bytes) = copy_tree(src, dst)?;
     // Children first, so setting a directory's times is not undone by its entries.
     for rel in paths.iter().rev() {
         set_times(&dst.join(rel))?;
     }
     set_times(dst)?;
-    paths.sort();
     Ok((paths, bytes))
 }
 

@@ -25,7 +25,9 @@
 //!
 //! [rootfs]
 //! type = "ext4"                       # none | ext4 | erofs
-//! dir = "rootfs/"
+//! dir = "rootfs/"                    # and/or:
+//! # tar = "rootfs.tar.gz"             # unpacked on top of dir
+//! # packages = ["busybox-static"]     # Debian packages unpacked on top (no deps)
 //! size = "64MiB"                      # ext4: image size; erofs: upper limit
 //! mount = "/rootfs"                   # where the init mounts it
 //!
@@ -190,6 +192,11 @@ pub struct RootfsSpec {
     pub kind: RootfsType,
     /// Source directory.
     pub dir: Option<PathBuf>,
+    /// Tarball unpacked on top of `dir` (any compression `tar` detects).
+    pub tar: Option<PathBuf>,
+    /// Debian packages unpacked on top (no dependencies, no maintainer scripts).
+    #[serde(default)]
+    pub packages: Vec<String>,
     /// ext4: image size; erofs: upper limit.
     pub size: Option<String>,
     /// Mount point in the guest.
@@ -454,13 +461,24 @@ fn validate(l: &LoadedSpec) -> Result<(), SpecError> {
     let r = &s.rootfs;
     match r.kind {
         RootfsType::None => {
-            if r.dir.is_some() || r.size.is_some() || r.mount.is_some() {
-                return Err(l.invalid("rootfs", "`dir`, `size` and `mount` need a `type`"));
+            if r.dir.is_some()
+                || r.tar.is_some()
+                || !r.packages.is_empty()
+                || r.size.is_some()
+                || r.mount.is_some()
+            {
+                return Err(l.invalid(
+                    "rootfs",
+                    "`dir`, `tar`, `packages`, `size` and `mount` need a `type`",
+                ));
             }
         }
         RootfsType::Ext4 | RootfsType::Erofs => {
-            if r.dir.is_none() {
-                return Err(l.invalid("rootfs.dir", "required for an ext4 or erofs rootfs"));
+            if r.dir.is_none() && r.tar.is_none() && r.packages.is_empty() {
+                return Err(l.invalid(
+                    "rootfs",
+                    "an ext4 or erofs rootfs needs `dir`, `tar` or `packages`",
+                ));
             }
         }
     }

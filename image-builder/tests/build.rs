@@ -209,3 +209,55 @@ fn bad_specs_fail_clearly_and_leave_nothing() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+#[test]
+fn rootfs_from_dir_tarball_and_debian_package_is_reproducible() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("tree/etc")).unwrap();
+    std::fs::write(src.join("tree/etc/motd"), "from the tarball\n").unwrap();
+    let st = std::process::Command::new("tar")
+        .arg("-czf")
+        .arg(src.join("layer.tar.gz"))
+        .arg("-C")
+        .arg(src.join("tree"))
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::copy(common::data("boot/app.sh"), src.join("app.sh")).unwrap();
+    let spec = src.join("layers.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "[app]\npath = \"app.sh\"\n[rootfs]\ntype = \"ext4\"\ndir = \"{}\"\ntar = \"layer.tar.gz\"\npackages = [\"busybox-static\"]\n",
+            common::data("boot/rootfs").display()
+        ),
+    )
+    .unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    common::build_ok(&spec, &a);
+    common::build_ok(&spec, &b);
+    assert_eq!(read_dir_sorted(&a), read_dir_sorted(&b));
+
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("manifest.json")).unwrap()).unwrap();
+    assert!(m["rootfs_packages"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("busybox-static="));
+    let img = a.join("rootfs.img");
+    let debugfs = |cmd: &str| {
+        let o = std::process::Command::new("debugfs")
+            .arg("-R")
+            .arg(cmd)
+            .arg(&img)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert_eq!(debugfs("cat /etc/motd"), "from the tarball\n");
+    assert_eq!(debugfs("cat /data/hello.txt"), "hello from the rootfs\n");
+    let stat = debugfs("stat /bin/busybox");
+    assert!(stat.contains("User:     0   Group:     0"), "{stat}");
+}
