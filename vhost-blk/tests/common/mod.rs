@@ -19,6 +19,16 @@ pub struct Backend {
 impl Backend {
     /// Starts the backend on `image` with extra command-line `args`.
     pub fn start(dir: &Path, image: &Path, args: &[&str]) -> Backend {
+        Backend::start_with_env(dir, image, args, &[])
+    }
+
+    /// Like [`Backend::start`] with extra environment variables.
+    pub fn start_with_env(
+        dir: &Path,
+        image: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Backend {
         let socket = dir.join("blk.sock");
         // A killed backend leaves its socket behind; the new one replaces it.
         let _ = std::fs::remove_file(&socket);
@@ -29,6 +39,7 @@ impl Backend {
             .arg(image)
             .args(args)
             .env("RUST_LOG", "debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stderr(Stdio::from(
                 std::fs::File::create(dir.join("backend.log")).unwrap(),
@@ -51,6 +62,20 @@ impl Backend {
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on the PID of our own, not yet reaped, child.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        self.child.wait().unwrap()
+    }
+
+    /// The process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Kills the process with SIGKILL and reaps it.
