@@ -154,3 +154,19 @@ fn init_error_is_one_line_and_powers_off_nonzero() {
     );
     assert_has(&out, "keel-init: powering off with status 1");
 }
+
+#[test]
+fn cmdline_app_overrides_the_spec() {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = build_image("boot/ext4.toml", tmp.path());
+    let disk = writable_disk(&image, tmp.path());
+    // The app's "ro" check fails on the writable ext4 root: exit status 5.
+    let out = boot(
+        &image,
+        &disk,
+        "keel.app=\"/bin/busybox sh /app/app.sh ro\" keel.env=GREETING=override",
+    );
+    assert_has(&out, "app: args=ro greeting=override");
+    assert_has(&out, "app: read-only rootfs was writable");
+    assert_has(&out, "keel-init: app exited with status 5");
+}
