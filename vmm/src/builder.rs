@@ -161,6 +161,8 @@ pub fn run(config: &SandboxConfig, started_ns: u64) -> Result<RunOutcome, VmmErr
     // Signals first: every thread created later inherits the blocked mask.
     let signals = StopSignals::new().map_err(io_err("cannot set up the signalfd"))?;
 
+    // Passthrough devices: check the host before anything is allocated.
+    crate::vfio::preflight(config).map_err(pci_devices::PciDeviceError::from)?;
     let vm = kvm::create_vm()?;
     let ram = memory::create(&config.memory)?;
     // Declared after `ram`, so it is dropped first: no memory slot outlives its mapping.

@@ -19,6 +19,7 @@ pub mod pci_devices;
 pub mod signals;
 pub mod systemd_dropin;
 pub mod vcpu;
+pub mod vfio;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 

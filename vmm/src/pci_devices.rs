@@ -61,6 +61,9 @@ pub enum PciDeviceError {
     /// A BAR overlaps another device.
     #[error("device bus: {0}")]
     Bus(#[from] BusError),
+    /// A `[[vfio]]` device cannot be passed through.
+    #[error(transparent)]
+    Vfio(#[from] crate::vfio::VfioError),
 }
 
 /// Moves BARs in the MMIO bus and notify ioeventfds in KVM when the guest
@@ -190,6 +193,18 @@ pub fn attach(
             .ok_or_else(|| PciDeviceError::NoRoom(id.clone()))?;
         info!("device {id}: PCI 00:{slot:02x}.0, BAR 0 at {bar:#x}");
     }
+    crate::vfio::attach(
+        config,
+        &vm.fd,
+        ram,
+        crate::vfio::Placement {
+            routes: &routes,
+            root: &mut root,
+            bars: &mut bars,
+            mmio: &mut *mmio,
+            bar_mapper: &bar_mapper,
+        },
+    )?;
     pio.insert(
         PCI_CONFIG_PORT,
         PCI_CONFIG_PORT_LEN,

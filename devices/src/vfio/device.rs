@@ -113,6 +113,9 @@ pub struct VfioPciDevice {
     mapper: Option<(Arc<dyn BarMapper>, BarWindow)>,
     slots: Option<Arc<dyn SlotMapper>>,
     released: bool,
+    /// Resources that must outlive the device (its container, the DMA mappings of
+    /// guest RAM); dropped after the device was released.
+    held: Vec<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 impl VfioPciDevice {
@@ -156,12 +159,18 @@ impl VfioPciDevice {
             mapper: None,
             slots: None,
             released: false,
+            held: Vec::new(),
         })
     }
 
     /// The device's name (its `[[vfio]]` id).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Keeps `resource` alive until the device is dropped (after its release).
+    pub fn hold(&mut self, resource: Arc<dyn std::any::Any + Send + Sync>) {
+        self.held.push(resource);
     }
 
     /// The memory BARs to put on the MMIO bus: (index, guest address, size).

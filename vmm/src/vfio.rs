@@ -1,0 +1,293 @@
+//! Wiring the sandbox's `[[vfio]]` entries: host pre-flight checks (before guest RAM
+//! exists), then, per device, the VFIO container and group, DMA mappings of guest
+//! RAM, MSI/MSI-X vectors, BAR placement in the 32-bit hole, direct BAR mappings as
+//! KVM memory slots, and the function on PCI bus 0.
+//!
+//! Not wired yet: INTx (needs interrupt routing entries for PCI devices in the MP
+//! table; the device model supports it through `IntxLine`), I/O BARs, iommufd.
+
+use std::sync::{Arc, Mutex};
+
+use keel_devices::bus::BusBuilder;
+use keel_devices::pci::{BarAllocator, PciRoot};
+use keel_devices::vfio::backend::{BackendError, HostMapping};
+use keel_devices::vfio::bars::{SlotMapper, FIRST_DEVICE_SLOT};
+use keel_devices::vfio::config::NUM_BARS;
+use keel_devices::vfio::device::{
+    BarAccess, DeviceProbe, DeviceWiring, VfioDeviceError, VfioPciDevice,
+};
+use keel_devices::vfio::dma::{ranges_of, DmaError, DmaMappings};
+use keel_devices::vfio::ioctls::{Container, VfioDeviceFd};
+use keel_devices::vfio::preflight::{
+    check_device, check_memlock, numa_mismatch, DeviceReport, HostPaths, Memlock, PreflightError,
+};
+use kvm_ioctls::VmFd;
+use log::{info, warn};
+use thiserror::Error;
+
+use crate::config::SandboxConfig;
+use crate::interrupts::{DeviceVectors, GsiRoutes, InterruptError};
+use crate::layout::{IOAPIC_ADDR, MMIO_HOLE_START};
+use crate::memory::GuestRam;
+use crate::pci_devices::KvmBarMapper;
+
+/// Errors of VFIO passthrough.
+#[derive(Debug, Error)]
+pub enum VfioError {
+    /// The host is not ready (driver binding, IOMMU group, /dev/vfio, memlock).
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    /// The locked-memory limit could not be read.
+    #[error("cannot read the locked-memory limit of keel-vmm: {0}")]
+    Memlock(std::io::Error),
+    /// A VFIO operation failed.
+    #[error("vfio {id}: {source}")]
+    Backend {
+        /// Device id.
+        id: String,
+        /// The failure.
+        source: BackendError,
+    },
+    /// The device cannot be passed through as it is.
+    #[error("vfio {id}: {source}")]
+    Device {
+        /// Device id.
+        id: String,
+        /// The failure.
+        source: VfioDeviceError,
+    },
+    /// Guest RAM could not be mapped for DMA.
+    #[error("vfio: {0}")]
+    Dma(#[from] DmaError),
+    /// No vectors left.
+    #[error("vfio {id}: {source}")]
+    Interrupts {
+        /// Device id.
+        id: String,
+        /// The failure.
+        source: InterruptError,
+    },
+    /// A BAR does not fit.
+    #[error("vfio {id}: BAR {bar} ({size:#x} bytes) does not fit in the 32-bit MMIO hole or the PCI bus is full")]
+    NoRoom {
+        /// Device id.
+        id: String,
+        /// BAR index.
+        bar: usize,
+        /// BAR size.
+        size: u64,
+    },
+    /// A BAR overlaps another device on the MMIO bus.
+    #[error("vfio {id}: {source}")]
+    Bus {
+        /// Device id.
+        id: String,
+        /// The failure.
+        source: keel_devices::bus::BusError,
+    },
+}
+
+/// Checks the host for every `[[vfio]]` device, before anything is allocated, and
+/// warns when guest RAM is bound to another NUMA node than a device.
+pub fn preflight(config: &SandboxConfig) -> Result<Vec<DeviceReport>, VfioError> {
+    preflight_at(config, &HostPaths::default())
+}
+
+/// [`preflight`] against the host tree `paths`.
+pub fn preflight_at(
+    config: &SandboxConfig,
+    paths: &HostPaths,
+) -> Result<Vec<DeviceReport>, VfioError> {
+    let mut reports = Vec::with_capacity(config.vfio.len());
+    for dev in &config.vfio {
+        let report = check_device(paths, &dev.id, &dev.address.to_string())?;
+        if let Some(w) = numa_mismatch(&dev.id, report.numa_node, config.memory.numa_node) {
+            warn!("{w}");
+        } else if let (Some(node), None) = (report.numa_node, config.memory.numa_node) {
+            info!(
+                "vfio {}: the device is on NUMA node {node}; [memory] numa_node = {node} keeps \
+                 its DMA local",
+                dev.id
+            );
+        }
+        reports.push(report);
+    }
+    if !config.vfio.is_empty() {
+        let memlock = Memlock::current().map_err(VfioError::Memlock)?;
+        check_memlock(memlock, config.memory.size_bytes)?;
+    }
+    Ok(reports)
+}
+
+/// Maps device BAR areas into the guest as KVM memory slots.
+struct KvmSlotMapper {
+    vm: Arc<VmFd>,
+}
+
+impl SlotMapper for KvmSlotMapper {
+    fn map(&self, slot: u32, guest_addr: u64, mapping: &HostMapping) -> Result<(), String> {
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: guest_addr,
+            memory_size: mapping.len() as u64,
+            userspace_addr: mapping.as_ptr() as u64,
+        };
+        // SAFETY: the mapping is owned by the device, which removes the slot (unmap)
+        // before dropping the mapping.
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| e.to_string())
+    }
+
+    fn unmap(&self, slot: u32) -> Result<(), String> {
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot,
+            ..Default::default()
+        };
+        // SAFETY: a zero-sized region deletes the slot; no memory is referenced.
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| e.to_string())
+    }
+}
+
+/// What every passed-through device of the VM shares: the container and the DMA
+/// mappings of guest RAM (unmapped when the last device is gone).
+struct Session {
+    _dma: DmaMappings,
+    _container: Arc<Container>,
+}
+
+fn kvm_vfio_device(vm: &VmFd) -> Option<VfioDeviceFd> {
+    let mut dev = kvm_bindings::kvm_create_device {
+        type_: kvm_bindings::kvm_device_type_KVM_DEV_TYPE_VFIO,
+        fd: 0,
+        flags: 0,
+    };
+    match vm.create_device(&mut dev) {
+        Ok(fd) => Some(VfioDeviceFd::new_from_kvm(fd)),
+        Err(e) => {
+            warn!("cannot create the KVM VFIO device ({e}); continuing without it");
+            None
+        }
+    }
+}
+
+/// Where the VFIO devices go.
+pub struct Placement<'a> {
+    /// GSI routes for the vectors.
+    pub routes: &'a Arc<GsiRoutes>,
+    /// PCI bus 0.
+    pub root: &'a mut PciRoot,
+    /// BAR addresses.
+    pub bars: &'a mut BarAllocator,
+    /// The MMIO bus being built.
+    pub mmio: &'a mut BusBuilder,
+    /// Follows guest BAR moves.
+    pub bar_mapper: &'a Arc<KvmBarMapper>,
+}
+
+/// Opens every `[[vfio]]` device and puts it on bus 0. Devices are released (reset)
+/// when the buses holding them are dropped at VM stop.
+pub fn attach(
+    config: &SandboxConfig,
+    vm: &Arc<VmFd>,
+    ram: &GuestRam,
+    at: Placement<'_>,
+) -> Result<(), VfioError> {
+    if config.vfio.is_empty() {
+        return Ok(());
+    }
+    let reports = preflight(config)?;
+    let container =
+        Arc::new(
+            Container::open(kvm_vfio_device(vm)).map_err(|source| VfioError::Backend {
+                id: config.vfio[0].id.clone(),
+                source,
+            })?,
+        );
+    let mut opened = Vec::new();
+    for (dev, report) in config.vfio.iter().zip(&reports) {
+        let device = container
+            .open_device(&report.sysfs_path)
+            .map_err(|source| VfioError::Backend {
+                id: dev.id.clone(),
+                source,
+            })?;
+        opened.push((dev.id.clone(), Arc::new(device)));
+    }
+    // Groups are attached: map guest RAM once for the container.
+    // SAFETY: guest RAM stays mapped while the VM's buses (which hold the devices
+    // holding these mappings) live: the builder drops them before `ram`.
+    let dma = unsafe { DmaMappings::map(container.clone(), &ranges_of(ram.memory())) }?;
+    let session: Arc<dyn std::any::Any + Send + Sync> = Arc::new(Session {
+        _dma: dma,
+        _container: container,
+    });
+    let slots: Arc<dyn SlotMapper> = Arc::new(KvmSlotMapper { vm: Arc::clone(vm) });
+    let mut next_slot = FIRST_DEVICE_SLOT;
+    let window = MMIO_HOLE_START..IOAPIC_ADDR;
+    for (id, backend) in opened {
+        let dev_err = |source: VfioDeviceError| VfioError::Device {
+            id: id.clone(),
+            source,
+        };
+        let probe = DeviceProbe::read(&*backend).map_err(dev_err)?;
+        let router =
+            DeviceVectors::new(&id, at.routes, probe.vectors_needed()).map_err(|source| {
+                VfioError::Interrupts {
+                    id: id.clone(),
+                    source,
+                }
+            })?;
+        let mut bars = probe.bars;
+        for (i, bar) in bars.iter_mut().enumerate().take(NUM_BARS) {
+            if !bar.is_memory() {
+                continue;
+            }
+            bar.addr = at
+                .bars
+                .allocate(bar.size.max(keel_devices::vfio::bars::PAGE))
+                .ok_or(VfioError::NoRoom {
+                    id: id.clone(),
+                    bar: i,
+                    size: bar.size,
+                })?;
+        }
+        let mut function = VfioPciDevice::new(
+            id.clone(),
+            backend,
+            &probe,
+            DeviceWiring {
+                router,
+                intx: None,
+                bars,
+            },
+        )
+        .map_err(dev_err)?;
+        function.hold(Arc::clone(&session));
+        function.set_bar_mapper(at.bar_mapper.clone(), window.clone());
+        next_slot += function
+            .setup_direct(Arc::clone(&slots), next_slot)
+            .map_err(dev_err)?;
+        let ranges = function.bus_ranges();
+        let function = Arc::new(Mutex::new(function));
+        for (bar, addr, size) in ranges {
+            at.mmio
+                .insert(
+                    addr,
+                    size,
+                    Arc::new(Mutex::new(BarAccess::new(function.clone(), bar))),
+                )
+                .map_err(|source| VfioError::Bus {
+                    id: id.clone(),
+                    source,
+                })?;
+            info!("vfio {id}: BAR {bar} at {addr:#x} ({size:#x} bytes)");
+        }
+        let slot = at.root.add(function).ok_or(VfioError::NoRoom {
+            id: id.clone(),
+            bar: 0,
+            size: 0,
+        })?;
+        info!("vfio {id}: PCI 00:{slot:02x}.0");
+    }
+    Ok(())
+}
