@@ -3,6 +3,7 @@
 
 mod blk;
 mod boot;
+mod net;
 mod stats;
 
 use std::path::PathBuf;
@@ -54,6 +55,28 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "1,32,128")]
         depths: Vec<usize>,
     },
+    /// Packet rates of keel-vhost-net against testpmd's net_vhost PMD, both fed by a
+    /// testpmd virtio-user txonly frontend: receive only, and port to port.
+    Net {
+        /// keel-vhost-net binary.
+        #[arg(long, default_value = "target/release/keel-vhost-net")]
+        keel: PathBuf,
+        /// testpmd binary.
+        #[arg(long, default_value = "dpdk-testpmd")]
+        testpmd: String,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Frame sizes in bytes.
+        #[arg(long, value_delimiter = ',', default_value = "64,1500")]
+        sizes: Vec<usize>,
+        /// keel's busy-poll window in microseconds (0: event mode).
+        #[arg(long, default_value_t = 100)]
+        poll_us: u64,
+        /// Also measure port-to-port forwarding (meaningful with 3+ free cores).
+        #[arg(long)]
+        fwd: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -83,6 +106,22 @@ fn main() -> ExitCode {
             size_mib,
             seconds,
             depths,
+        })
+        .map_err(|e| e.to_string()),
+        Command::Net {
+            keel,
+            testpmd,
+            seconds,
+            sizes,
+            poll_us,
+            fwd,
+        } => net::run(&net::NetBench {
+            keel,
+            testpmd,
+            seconds,
+            sizes,
+            poll_us,
+            fwd,
         })
         .map_err(|e| e.to_string()),
     };

@@ -1,0 +1,356 @@
+//! Network benchmark: keel-vhost-net against DPDK testpmd's own vhost PMD
+//! (`net_vhost`), both driven by the same frontend, testpmd's `net_virtio_user`
+//! PMD in `txonly` mode (a real vhost-user frontend without a VM).
+//!
+//! - `rx`: the backend only receives (testpmd `rxonly`; keel with one port, whose
+//!   frames have nowhere to go). Rate: testpmd's `Rx-pps`, keel's `tx_packets`
+//!   counter (frames taken from the frontend's TX ring).
+//! - `fwd` (with `--fwd`; needs three free cores to mean much): port to port. testpmd `io` forwarding between two `net_vhost` ports, or
+//!   keel switching p0 to p1; a second virtio-user testpmd (`rxonly`) receives.
+//!   Rate: that receiver's `Rx-pps`, the same for both.
+//!
+//! The frontends run on CPU 0 (with `fwd`, sender and receiver share it), the
+//! backend alone on CPU 1. Each measurement is the median of the per-second rates
+//! over the window.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::stats::median;
+
+/// Network benchmark errors.
+#[derive(Debug, Error)]
+pub enum NetBenchError {
+    /// A file or process operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// A peer did not come up or reported nothing.
+    #[error("{0}")]
+    Run(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NetBenchError {
+    let what = what.into();
+    move |source| NetBenchError::Io { what, source }
+}
+
+/// Parameters of the network benchmark.
+#[derive(Debug)]
+pub struct NetBench {
+    /// keel-vhost-net binary.
+    pub keel: PathBuf,
+    /// testpmd binary.
+    pub testpmd: String,
+    /// Seconds per measurement (after a 2 s warm-up).
+    pub seconds: u64,
+    /// Frame sizes in bytes.
+    pub sizes: Vec<usize>,
+    /// keel's busy-poll window in microseconds (0: event mode).
+    pub poll_us: u64,
+    /// Also measure port-to-port forwarding. It needs three busy pollers (sender,
+    /// backend, receiver): on a 2-core machine two share a core, and the receiver's
+    /// ring (256 entries) overflows whenever the scheduler takes its core away, so the
+    /// result measures the scheduler more than the backend.
+    pub fwd: bool,
+}
+
+/// A child process killed (by PID) when dropped; testpmd's hugepage files go with it.
+struct Proc {
+    child: Child,
+    hugepage_prefix: Option<String>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn stop(&mut self) {
+        // SAFETY: kill(2) on the PID of a child we spawned and have not reaped yet.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGINT);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(prefix) = &self.hugepage_prefix {
+            if let Ok(entries) = std::fs::read_dir("/dev/hugepages") {
+                for e in entries.flatten() {
+                    if e.file_name().to_string_lossy().starts_with(prefix.as_str()) {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn spawn(cmd: &mut Command, log: &Path, prefix: Option<String>) -> Result<Proc, NetBenchError> {
+    let out = std::fs::File::create(log).map_err(io_err(format!("{}", log.display())))?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(
+            out.try_clone().map_err(io_err("duplicate a log fd"))?,
+        ))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .map_err(io_err(format!("start {:?}", cmd.get_program())))?;
+    Ok(Proc {
+        child,
+        hugepage_prefix: prefix,
+        log: log.to_path_buf(),
+    })
+}
+
+/// testpmd with the given vdevs and application arguments on `cpu`.
+fn testpmd(
+    b: &NetBench,
+    dir: &Path,
+    tag: &str,
+    cpu: usize,
+    vdevs: &[String],
+    app: &[String],
+) -> Result<Proc, NetBenchError> {
+    let prefix = format!("keelbench-{}-{tag}", std::process::id());
+    let mut cmd = Command::new(&b.testpmd);
+    cmd.arg(format!("--lcores=0@{cpu},1@{cpu}"))
+        .args(["-n", "1", "--no-pci", "--single-file-segments", "-m", "256"])
+        .arg(format!("--file-prefix={prefix}"));
+    for v in vdevs {
+        cmd.arg("--vdev").arg(v);
+    }
+    cmd.arg("--")
+        .args(["--stats-period=1", "--no-mlockall"])
+        .args(app);
+    spawn(&mut cmd, &dir.join(format!("{tag}.log")), Some(prefix))
+}
+
+fn wait_for_path(p: &Path) -> Result<(), NetBenchError> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !p.exists() {
+        if Instant::now() > deadline {
+            return Err(NetBenchError::Run(format!(
+                "{} never appeared",
+                p.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// The frontend: virtio-user `txonly` with `size`-byte frames to `dst`, on CPU 0.
+fn sender(b: &NetBench, dir: &Path, sock: &Path, size: usize) -> Result<Proc, NetBenchError> {
+    testpmd(
+        b,
+        dir,
+        "sender",
+        0,
+        &[format!(
+            "net_virtio_user0,path={},queues=1,mac=52:54:00:00:00:01",
+            sock.display()
+        )],
+        &[
+            "--forward-mode=txonly".into(),
+            format!("--txpkts={size}"),
+            "--eth-peer=0,52:54:00:00:00:02".into(),
+        ],
+    )
+}
+
+/// The median of the last `n` `Rx-pps:` values in testpmd's output.
+fn rx_pps(log: &str, n: usize) -> Option<f64> {
+    let v: Vec<f64> = log
+        .lines()
+        .filter_map(|l| {
+            let at = l.find("Rx-pps:")?;
+            l[at + 7..].split_whitespace().next()?.parse().ok()
+        })
+        .filter(|&x: &f64| x > 0.0)
+        .collect();
+    let tail = &v[v.len().saturating_sub(n)..];
+    median(tail)
+}
+
+/// keel's `tx_packets` of port `p0` from its control socket.
+fn keel_tx_packets(control: &Path) -> Result<u64, NetBenchError> {
+    let mut s = UnixStream::connect(control).map_err(io_err("connect to keel's control"))?;
+    s.write_all(b"{\"cmd\":\"stats\"}\n")
+        .map_err(io_err("control write"))?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(io_err("control read"))?;
+    let key = "\"tx_packets\":";
+    let at = line
+        .find(key)
+        .ok_or_else(|| NetBenchError::Run(format!("no tx_packets in {line}")))?;
+    line[at + key.len()..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| NetBenchError::Run(format!("bad stats {line}")))
+}
+
+fn keel(b: &NetBench, dir: &Path, ports: usize) -> Result<Proc, NetBenchError> {
+    let control = dir.join("control.sock");
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", "1"]).arg(&b.keel);
+    for i in 0..ports {
+        cmd.arg("--port").arg(format!(
+            "name=p{i},socket={}/p{i}.sock,mac=52:54:00:00:00:0{}",
+            dir.display(),
+            i + 1
+        ));
+    }
+    cmd.arg("--control")
+        .arg(&control)
+        .arg("--poll-us")
+        .arg(b.poll_us.to_string());
+    let p = spawn(&mut cmd, &dir.join("keel.log"), None)?;
+    wait_for_path(&control)?;
+    Ok(p)
+}
+
+const WARMUP: Duration = Duration::from_secs(2);
+
+/// Receive rate of the reference (testpmd net_vhost rxonly), in packets/s.
+fn rx_reference(b: &NetBench, dir: &Path, size: usize) -> Result<f64, NetBenchError> {
+    let sock = dir.join("vhost0.sock");
+    let be = testpmd(
+        b,
+        dir,
+        "ref-rx",
+        1,
+        &[format!("net_vhost0,iface={},queues=1", sock.display())],
+        &["--forward-mode=rxonly".into()],
+    )?;
+    wait_for_path(&sock)?;
+    let _fe = sender(b, dir, &sock, size)?;
+    std::thread::sleep(WARMUP + Duration::from_secs(b.seconds));
+    rx_pps(&be.output(), b.seconds as usize)
+        .ok_or_else(|| NetBenchError::Run(format!("no Rx-pps from testpmd:\n{}", be.output())))
+}
+
+/// Receive rate of keel-vhost-net with one port, in packets/s.
+fn rx_keel(b: &NetBench, dir: &Path, size: usize) -> Result<f64, NetBenchError> {
+    let _be = keel(b, dir, 1)?;
+    let sock = dir.join("p0.sock");
+    let _fe = sender(b, dir, &sock, size)?;
+    std::thread::sleep(WARMUP);
+    let control = dir.join("control.sock");
+    let mut rates = Vec::new();
+    let mut last = keel_tx_packets(&control)?;
+    for _ in 0..b.seconds {
+        let t = Instant::now();
+        std::thread::sleep(Duration::from_secs(1));
+        let now = keel_tx_packets(&control)?;
+        rates.push((now - last) as f64 / t.elapsed().as_secs_f64());
+        last = now;
+    }
+    median(&rates).ok_or_else(|| NetBenchError::Run("no keel samples".into()))
+}
+
+/// Port-to-port rate at a virtio-user receiver, through testpmd io-forwarding
+/// between two net_vhost ports (`reference`) or through keel.
+fn fwd(b: &NetBench, dir: &Path, size: usize, reference: bool) -> Result<f64, NetBenchError> {
+    let (s0, s1, _be) = if reference {
+        let (s0, s1) = (dir.join("vhost0.sock"), dir.join("vhost1.sock"));
+        let be = testpmd(
+            b,
+            dir,
+            "ref-fwd",
+            1,
+            &[
+                format!("net_vhost0,iface={},queues=1", s0.display()),
+                format!("net_vhost1,iface={},queues=1", s1.display()),
+            ],
+            &["--forward-mode=io".into()],
+        )?;
+        wait_for_path(&s0)?;
+        wait_for_path(&s1)?;
+        (s0, s1, be)
+    } else {
+        let be = keel(b, dir, 2)?;
+        (dir.join("p0.sock"), dir.join("p1.sock"), be)
+    };
+    // The receiver shares CPU 0 with the sender: the backend has CPU 1 to itself.
+    let rx = testpmd(
+        b,
+        dir,
+        "receiver",
+        0,
+        &[format!(
+            "net_virtio_user0,path={},queues=1,mac=52:54:00:00:00:02",
+            s1.display()
+        )],
+        &["--forward-mode=rxonly".into()],
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    let _fe = sender(b, dir, &s0, size)?;
+    std::thread::sleep(WARMUP + Duration::from_secs(b.seconds));
+    rx_pps(&rx.output(), b.seconds as usize)
+        .ok_or_else(|| NetBenchError::Run(format!("no Rx-pps at the receiver:\n{}", rx.output())))
+}
+
+fn fresh_dir() -> Result<tempfile::TempDir, NetBenchError> {
+    tempfile::tempdir().map_err(io_err("create a temporary directory"))
+}
+
+/// Runs the benchmark and prints one table row per measurement.
+pub fn run(b: &NetBench) -> Result<(), NetBenchError> {
+    println!(
+        "keel-vhost-net ({}) vs testpmd net_vhost; frontend testpmd virtio-user txonly; {} s per point",
+        if b.poll_us == 0 {
+            "event mode".to_string()
+        } else {
+            format!("busy-poll {} us", b.poll_us)
+        },
+        b.seconds
+    );
+    println!("| test | frame | keel Mpps | testpmd Mpps | ratio |");
+    println!("|---|---|---|---|---|");
+    let tests: &[&str] = if b.fwd { &["rx", "fwd"] } else { &["rx"] };
+    for &size in &b.sizes {
+        for &test in tests {
+            let (k, r) = if test == "rx" {
+                (
+                    rx_keel(b, fresh_dir()?.path(), size)?,
+                    rx_reference(b, fresh_dir()?.path(), size)?,
+                )
+            } else {
+                (
+                    fwd(b, fresh_dir()?.path(), size, false)?,
+                    fwd(b, fresh_dir()?.path(), size, true)?,
+                )
+            };
+            println!(
+                "| {test} | {size} B | {:.2} | {:.2} | {:.2} |",
+                k / 1e6,
+                r / 1e6,
+                if r > 0.0 { k / r } else { 0.0 }
+            );
+        }
+    }
+    Ok(())
+}
