@@ -175,6 +175,60 @@ impl FromStr for PortConfig {
     }
 }
 
+/// A TAP uplink: the interface `dev` joins the switch as port `name`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TapConfig {
+    /// Port name, unique among ports and uplinks.
+    pub name: String,
+    /// Interface name (created if it does not exist).
+    pub dev: String,
+}
+
+impl TapConfig {
+    /// Checks the values that serde cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        PortConfig {
+            name: self.name.clone(),
+            socket: PathBuf::from("tap"),
+            mac: None,
+        }
+        .validate()?;
+        if self.dev.is_empty() || self.dev.len() > 15 || self.dev.contains(['/', '\0', ' ']) {
+            return Err(format!(
+                "dev: expected an interface name of 1 to 15 bytes, found {:?}",
+                self.dev
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for TapConfig {
+    type Err = String;
+
+    /// Parses `name=up0,dev=tap0`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (mut name, mut dev) = (None, None);
+        for item in s.split(',') {
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| format!("expected key=value, found {item:?}"))?;
+            match k {
+                "name" => name = Some(v.to_string()),
+                "dev" => dev = Some(v.to_string()),
+                _ => return Err(format!("unknown key {k:?}: expected name or dev")),
+            }
+        }
+        let tap = TapConfig {
+            name: name.ok_or("missing name=")?,
+            dev: dev.ok_or("missing dev=")?,
+        };
+        tap.validate()?;
+        Ok(tap)
+    }
+}
+
 /// Command-line arguments.
 #[derive(Debug, Parser)]
 #[command(
@@ -192,6 +246,9 @@ pub struct Args {
     /// A sandbox port: name=NAME,socket=PATH[,mac=MAC] (repeatable).
     #[arg(long, value_name = "SPEC")]
     pub port: Vec<PortConfig>,
+    /// A TAP uplink: name=NAME,dev=IFNAME (repeatable).
+    #[arg(long, value_name = "SPEC", conflicts_with = "config")]
+    pub tap: Vec<TapConfig>,
     /// JSON-lines control socket (stats, add-port, remove-port).
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
@@ -225,6 +282,8 @@ struct RawFile {
     poll_us: u64,
     #[serde(default)]
     port: Vec<toml::Spanned<PortConfig>>,
+    #[serde(default)]
+    tap: Vec<toml::Spanned<TapConfig>>,
 }
 
 fn default_ageing() -> u64 {
@@ -239,6 +298,8 @@ fn default_queue_size() -> u16 {
 pub struct SwitchConfig {
     /// The initial ports (more can be added through the control socket).
     pub ports: Vec<PortConfig>,
+    /// TAP uplinks.
+    pub taps: Vec<TapConfig>,
     /// Control socket path.
     pub control: Option<PathBuf>,
     /// How long a learned MAC stays valid without traffic.
@@ -251,7 +312,25 @@ pub struct SwitchConfig {
     pub poll: Duration,
 }
 
+impl TapConfig {
+    /// The port an uplink becomes (its "socket" is `tap:DEV`).
+    pub fn as_port(&self) -> PortConfig {
+        PortConfig {
+            name: self.name.clone(),
+            socket: PathBuf::from(format!("tap:{}", self.dev)),
+            mac: None,
+        }
+    }
+}
+
 impl SwitchConfig {
+    /// Ports and uplinks, as ports.
+    pub fn all_ports(&self) -> Vec<PortConfig> {
+        let mut all = self.ports.clone();
+        all.extend(self.taps.iter().map(TapConfig::as_port));
+        all
+    }
+
     fn validate(&self) -> Result<(), String> {
         if !self.queue_size.is_power_of_two() || self.queue_size > MAX_QUEUE_SIZE {
             return Err(format!(
@@ -305,6 +384,7 @@ pub fn switch_from_args(args: &Args) -> Result<SwitchConfig, ConfigError> {
     }
     let cfg = SwitchConfig {
         ports: args.port.clone(),
+        taps: args.tap.clone(),
         control: args.control.clone(),
         mac_ageing: Duration::from_secs(args.mac_ageing),
         queue_size: args.queue_size,
@@ -313,6 +393,9 @@ pub fn switch_from_args(args: &Args) -> Result<SwitchConfig, ConfigError> {
     };
     cfg.validate().map_err(ConfigError::Args)?;
     if let Some(m) = duplicate(&cfg.ports) {
+        return Err(ConfigError::Args(m));
+    }
+    if let Some(m) = duplicate(&cfg.all_ports()) {
         return Err(ConfigError::Args(m));
     }
     if cfg.ports.is_empty() && cfg.control.is_none() {
@@ -351,8 +434,22 @@ pub fn parse_toml(text: &str, file: &Path) -> Result<SwitchConfig, ConfigError> 
             return Err(invalid(start, format!("port[{i}]: {m}")));
         }
     }
+    let mut taps: Vec<TapConfig> = Vec::new();
+    for (i, spanned) in raw.tap.into_iter().enumerate() {
+        let start = spanned.span().start;
+        let tap = spanned.into_inner();
+        tap.validate()
+            .map_err(|m| invalid(start, format!("tap[{i}].{m}")))?;
+        taps.push(tap);
+        let mut all = ports.clone();
+        all.extend(taps.iter().map(TapConfig::as_port));
+        if let Some(m) = duplicate(&all) {
+            return Err(invalid(start, format!("tap[{i}]: {m}")));
+        }
+    }
     let cfg = SwitchConfig {
         ports,
+        taps,
         control: raw.control.map(|c| base.join(c)),
         mac_ageing: Duration::from_secs(raw.mac_ageing),
         queue_size: raw.queue_size,
@@ -479,6 +576,35 @@ mod tests {
         ])
         .unwrap();
         assert!(switch_from_args(&args).is_err());
+    }
+
+    #[test]
+    fn taps() {
+        let c = parse(
+            "[[port]]\nname = \"p0\"\nsocket = \"a\"\n[[tap]]\nname = \"up0\"\ndev = \"tap0\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.taps[0].dev, "tap0");
+        let e =
+            parse("[[port]]\nname = \"p0\"\nsocket = \"a\"\n[[tap]]\nname = \"p0\"\ndev = \"t\"\n")
+                .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(":4:1: tap[0]: port \"p0\" is defined twice"),
+            "{e}"
+        );
+        let e = parse("[[tap]]\nname = \"u\"\ndev = \"0123456789abcdef\"\n").unwrap_err();
+        assert!(e.to_string().contains("tap[0].dev"), "{e}");
+        let args = Args::try_parse_from([
+            "keel-vhost-net",
+            "--port",
+            "name=p0,socket=/s",
+            "--tap",
+            "name=up0,dev=tap0",
+        ])
+        .unwrap();
+        assert_eq!(switch_from_args(&args).unwrap().taps.len(), 1);
+        assert!(Args::try_parse_from(["keel-vhost-net", "--tap", "name=u,dev=a/b"]).is_err());
     }
 
     #[test]

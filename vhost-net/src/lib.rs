@@ -9,6 +9,7 @@ pub mod net;
 pub mod notify;
 pub mod server;
 pub mod switch;
+pub mod tap;
 
 #[cfg(test)]
 mod hostile_tests;

@@ -33,6 +33,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    for tap in &cfg.taps {
+        if let Err(e) = server.add_tap(&tap.name, &tap.dev) {
+            error!("uplink {}: {e}", tap.name);
+            return ExitCode::FAILURE;
+        }
+    }
     if let Some(path) = &cfg.control {
         if let Err(e) = control::start(path, server.clone()) {
             error!("{e}");

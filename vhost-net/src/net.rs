@@ -110,9 +110,26 @@ impl TxBatch {
         self.arena.get(r.clone()).unwrap_or(&[])
     }
 
-    fn clear(&mut self) {
+    /// Empties the batch.
+    pub fn clear(&mut self) {
         self.arena.clear();
         self.frames.clear();
+    }
+
+    /// Adds a frame read from elsewhere (a TAP uplink): `data` starts with a
+    /// `hdr_len`-byte virtio-net header. Runts and oversize frames are recorded as
+    /// dropped.
+    pub fn push_frame(&mut self, data: &[u8], hdr_len: usize) {
+        let start = self.arena.len();
+        let frame = if data.len() < hdr_len + MIN_FRAME_LEN {
+            Err(TxDrop::Short)
+        } else if data.len() > MAX_CHAIN_LEN {
+            Err(TxDrop::Oversize)
+        } else {
+            self.arena.extend_from_slice(data);
+            Ok(start + hdr_len..start + data.len())
+        };
+        self.frames.push(TxFrame { head: 0, frame });
     }
 }
 

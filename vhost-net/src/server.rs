@@ -14,9 +14,12 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::backend::{PortBackend, ATTACH_EVENT};
+use crate::backend::{PortBackend, ATTACH_EVENT, TX_BATCH};
 use crate::config::PortConfig;
+use crate::net::{TxBatch, HDR_LEN, MAX_CHAIN_LEN};
+use crate::switch::ForwardScratch;
 use crate::switch::{lock, Port, Switch};
+use crate::tap::Tap;
 
 /// Why a port could not be added, removed or served.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +111,35 @@ impl Server {
         Ok(port)
     }
 
+    /// Adds a TAP uplink called `name` on interface `dev` (created if missing).
+    pub fn add_tap(&self, name: &str, dev: &str) -> Result<Arc<Port>, ServeError> {
+        let cfg = PortConfig {
+            name: name.to_string(),
+            socket: format!("tap:{dev}").into(),
+            mac: None,
+        };
+        cfg.validate().map_err(ServeError::Invalid)?;
+        let tap = Arc::new(Tap::open(dev).map_err(|e| ServeError::Invalid(e.to_string()))?);
+        let port = self
+            .switch
+            .add_port_with(cfg, Some(tap.clone()))
+            .map_err(ServeError::Invalid)?;
+        let (switch, p) = (self.switch.clone(), port.clone());
+        let handle = std::thread::Builder::new()
+            .name(format!("tap-{name}"))
+            .spawn(move || serve_tap(&switch, &p, &tap));
+        let handle = match handle {
+            Ok(h) => h,
+            Err(e) => {
+                self.switch.remove_port(name);
+                return Err(e.into());
+            }
+        };
+        lock(&self.threads).insert(port.id, handle);
+        info!("uplink {name} on TAP {dev}");
+        Ok(port)
+    }
+
     /// Removes a port: disconnects its frontend, stops its thread, removes its socket.
     pub fn remove_port(&self, name: &str) -> Result<(), ServeError> {
         let port = self
@@ -115,13 +147,48 @@ impl Server {
             .remove_port(name)
             .ok_or_else(|| ServeError::NotFound(name.to_string()))?;
         port.remove();
-        // Wake the thread if it waits in accept(); it sees the removal and ends.
-        let _ = UnixStream::connect(&port.cfg.socket);
+        if port.tap().is_none() {
+            // Wake the thread if it waits in accept(); it sees the removal and ends.
+            let _ = UnixStream::connect(&port.cfg.socket);
+        }
         if let Some(h) = lock(&self.threads).remove(&port.id) {
             let _ = h.join();
         }
         info!("port {name} removed");
         Ok(())
+    }
+}
+
+/// Moves frames the kernel sends on the TAP into the switch, in batches, until the
+/// port is removed.
+fn serve_tap(switch: &Arc<Switch>, port: &Arc<Port>, tap: &Tap) {
+    let mut buf = vec![0u8; MAX_CHAIN_LEN];
+    let mut batch = TxBatch::default();
+    let mut scratch = ForwardScratch::default();
+    while !port.is_removed() {
+        match tap.wait_readable(200) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                warn!("uplink {}: poll: {e}", port.name());
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        }
+        batch.clear();
+        while batch.frames.len() < TX_BATCH {
+            match tap.recv(&mut buf) {
+                Ok(n) => batch.push_frame(&buf[..n], HDR_LEN),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    warn!("uplink {}: read: {e}", port.name());
+                    break;
+                }
+            }
+        }
+        if !batch.frames.is_empty() {
+            switch.forward(port, &batch, &mut scratch);
+        }
     }
 }
 

@@ -14,6 +14,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::config::{Mac, PortConfig};
 use crate::net::{self, RxDrop, RxScratch, TxBatch, TxDrop};
+use crate::tap::Tap;
 
 /// Guest memory as the vhost-user-backend crate shares it.
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -148,6 +149,7 @@ pub struct Port {
     removed: AtomicBool,
     rx: RwLock<Option<RxTarget>>,
     shutdown: Mutex<Option<vhost_user_backend::ShutdownHandle>>,
+    tap: Option<Arc<Tap>>,
 }
 
 /// What a port reports on the control socket.
@@ -178,7 +180,21 @@ impl Port {
             removed: AtomicBool::new(false),
             rx: RwLock::new(None),
             shutdown: Mutex::new(None),
+            tap: None,
         }
+    }
+
+    /// A TAP uplink port.
+    pub fn new_tap(id: u64, cfg: PortConfig, tap: Arc<Tap>) -> Port {
+        let mut p = Port::new(id, cfg);
+        p.tap = Some(tap);
+        p.connected.store(true, Ordering::Relaxed);
+        p
+    }
+
+    /// The TAP device of an uplink port.
+    pub fn tap(&self) -> Option<&Arc<Tap>> {
+        self.tap.as_ref()
     }
 
     /// The port name.
@@ -246,6 +262,26 @@ impl Port {
     /// queue, then notifies the frontend once if it wants to be.
     pub fn deliver(&self, batch: &TxBatch, frames: &[(Range<usize>, bool)], rx: &mut RxScratch) {
         let c = &self.counters;
+        if let Some(tap) = &self.tap {
+            let (mut ok, mut bytes, mut full, mut failed) = (0u64, 0u64, 0u64, 0u64);
+            for (r, _) in frames {
+                let f = batch.bytes(r);
+                match tap.send(f) {
+                    Ok(()) => {
+                        ok += 1;
+                        bytes += f.len() as u64;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => full += 1,
+                    // EIO while the interface is down, and the like.
+                    Err(_) => failed += 1,
+                }
+            }
+            Counters::add(&c.rx_packets, ok);
+            Counters::add(&c.rx_bytes, bytes);
+            Counters::add(&c.drop_rx_no_buffer, full);
+            Counters::add(&c.drop_rx_not_ready, failed);
+            return;
+        }
         let unicast = || frames.iter().filter(|(_, u)| *u).count() as u64;
         let guard = read(&self.rx);
         let Some(t) = guard.as_ref() else {
@@ -467,13 +503,26 @@ impl Switch {
 
     /// Creates a port and adds it, unless its name or socket is taken.
     pub fn add_port(&self, cfg: PortConfig) -> Result<Arc<Port>, String> {
+        self.add_port_with(cfg, None)
+    }
+
+    /// Adds a vhost-user port, or with `tap` an uplink port.
+    pub fn add_port_with(
+        &self,
+        cfg: PortConfig,
+        tap: Option<Arc<Tap>>,
+    ) -> Result<Arc<Port>, String> {
         let mut ports = write(&self.ports);
         let mut all: Vec<PortConfig> = ports.iter().map(|p| p.cfg.clone()).collect();
         all.push(cfg.clone());
         if let Some(m) = crate::config::duplicate(&all) {
             return Err(m);
         }
-        let port = Arc::new(Port::new(self.next_id.fetch_add(1, Ordering::Relaxed), cfg));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let port = Arc::new(match tap {
+            Some(tap) => Port::new_tap(id, cfg, tap),
+            None => Port::new(id, cfg),
+        });
         let mut next: Vec<Arc<Port>> = ports.as_ref().clone();
         next.push(port.clone());
         *ports = Arc::new(next);

@@ -59,6 +59,12 @@ impl Backend {
     /// Starts the switch with `ports` (`name=..,socket=..[,mac=..]` specs) and waits
     /// for its READY=1 notification.
     pub fn start(dir: &Path, ports: &[String], extra: &[&str]) -> Backend {
+        Backend::start_in(&[], dir, ports, extra)
+    }
+
+    /// Like [`Backend::start`], run under a wrapper command (e.g. `ip netns exec NS`)
+    /// that execs the backend in its own process.
+    pub fn start_in(wrapper: &[&str], dir: &Path, ports: &[String], extra: &[&str]) -> Backend {
         let control = dir.join("control.sock");
         let notify_path = dir.join("notify.sock");
         let notify = UnixDatagram::bind(&notify_path).unwrap();
@@ -66,7 +72,15 @@ impl Backend {
             .set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();
         let log = dir.join("backend.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel-vhost-net"));
+        let bin = env!("CARGO_BIN_EXE_keel-vhost-net");
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
         for p in ports {
             cmd.arg("--port").arg(p);
         }

@@ -1,0 +1,138 @@
+//! A TAP uplink: a kernel network interface whose frames enter and leave the switch
+//! like a port's, with a virtio-net header in front (`IFF_VNET_HDR`), so the host or
+//! a network namespace is reachable from the sandboxes.
+//!
+//! The device is created (or attached, if it exists and is persistent) by name; the
+//! administrator brings it up and addresses it. Checksum/TSO offloads are not enabled
+//! yet: frames carry a zeroed header both ways.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, IoSlice, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+
+use crate::net::HDR_LEN;
+
+/// Why a TAP device could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    /// The name does not fit `IFNAMSIZ`.
+    #[error("TAP name {0:?}: expected 1 to 15 bytes without NUL")]
+    Name(String),
+    /// `/dev/net/tun` could not be opened.
+    #[error("cannot open /dev/net/tun: {0}")]
+    Open(#[source] io::Error),
+    /// An ioctl on the device failed.
+    #[error("TAP {name}: {what}: {source}")]
+    Ioctl {
+        /// Interface name.
+        name: String,
+        /// Which request.
+        what: &'static str,
+        /// OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// `struct ifreq` as TUNSETIFF reads it: name, flags, and the rest of the union.
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// An open TAP device with 12-byte virtio-net headers.
+pub struct Tap {
+    file: File,
+    name: String,
+}
+
+impl Tap {
+    /// Creates or attaches to the TAP interface `name`, non-blocking.
+    pub fn open(name: &str) -> Result<Tap, TapError> {
+        if name.is_empty() || name.len() > 15 || name.contains('\0') {
+            return Err(TapError::Name(name.to_string()));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(TapError::Open)?;
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        let err = |what| {
+            let source = io::Error::last_os_error();
+            TapError::Ioctl {
+                name: name.to_string(),
+                what,
+                source,
+            }
+        };
+        // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; `req` is a live,
+        // correctly sized (40-byte) repr(C) value and `file` an open tun fd.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
+            return Err(err("TUNSETIFF"));
+        }
+        let hdr_len = HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer, which is valid.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) } < 0 {
+            return Err(err("TUNSETVNETHDRSZ"));
+        }
+        // No offloads: the kernel hands us complete frames with checksums.
+        // SAFETY: TUNSETOFFLOAD takes an integer argument, no pointer.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETOFFLOAD, 0 as libc::c_ulong) } < 0 {
+            return Err(err("TUNSETOFFLOAD"));
+        }
+        let len = req.name.iter().position(|&b| b == 0).unwrap_or(16);
+        Ok(Tap {
+            file,
+            name: String::from_utf8_lossy(&req.name[..len]).into_owned(),
+        })
+    }
+
+    /// The interface name the kernel gave.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Sends one Ethernet frame to the kernel, with a zeroed virtio-net header.
+    pub fn send(&self, frame: &[u8]) -> io::Result<()> {
+        let hdr = [0u8; HDR_LEN];
+        let n = (&self.file).write_vectored(&[IoSlice::new(&hdr), IoSlice::new(frame)])?;
+        if n != HDR_LEN + frame.len() {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "short TAP write"));
+        }
+        Ok(())
+    }
+
+    /// Reads one frame (header included) into `buf`; `WouldBlock` when none is queued.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        (&self.file).read(buf)
+    }
+
+    /// Waits up to `timeout_ms` for a frame to read. Returns whether one is there.
+    pub fn wait_readable(&self, timeout_ms: i32) -> io::Result<bool> {
+        let mut pfd = libc::pollfd {
+            fd: self.file.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll(2) on one valid pollfd that lives for the call.
+        let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Ok(false);
+            }
+            return Err(e);
+        }
+        Ok(rc > 0 && pfd.revents & libc::POLLIN != 0)
+    }
+}
