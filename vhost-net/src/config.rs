@@ -579,6 +579,16 @@ mod tests {
     }
 
     #[test]
+    fn example_config_is_valid() {
+        let c = parse_toml(
+            include_str!("../examples/switch.toml"),
+            Path::new("examples/switch.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.ports.len(), 2);
+    }
+
+    #[test]
     fn taps() {
         let c = parse(
             "[[port]]\nname = \"p0\"\nsocket = \"a\"\n[[tap]]\nname = \"up0\"\ndev = \"tap0\"\n",
