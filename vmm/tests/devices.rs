@@ -502,3 +502,109 @@ fn a_multiqueue_nic_offers_its_pairs_and_a_simple_driver_still_works() {
         "{out}"
     );
 }
+
+/// Builds (once) and returns one of the project's own backends.
+fn own_backend(package: &str) -> std::path::PathBuf {
+    let root = common::workspace_root();
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "-p", package])
+        .current_dir(&root)
+        .status()
+        .unwrap();
+    assert!(status.success(), "building {package} failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    target.join("debug").join(package)
+}
+
+#[test]
+fn frames_cross_keel_vhost_net_to_a_dpdk_peer_and_back() {
+    let dir = SandboxDir::new();
+    let vm_sock = dir.path("vm.sock");
+    let peer_sock = dir.path("peer.sock");
+    let switch_log = dir.path("switch.log");
+    let switch = Command::new(own_backend("keel-vhost-net"))
+        .arg("--port")
+        .arg(format!(
+            "name=vm,socket={},mac=52:54:00:12:34:56",
+            vm_sock.display()
+        ))
+        .arg("--port")
+        .arg(format!("name=peer,socket={}", peer_sock.display()))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&switch_log).unwrap())
+        .spawn()
+        .unwrap();
+    let _switch = Backend(switch);
+    wait_for_socket(&vm_sock);
+    wait_for_socket(&peer_sock);
+    // A real vhost-user frontend on the other port that echoes every frame with
+    // its MAC addresses swapped.
+    let peer = Command::new("dpdk-testpmd")
+        .args([
+            "--lcores=0@0,1@0",
+            "-n",
+            "1",
+            "--no-pci",
+            "--in-memory",
+            "--single-file-segments",
+            "-m",
+            "256",
+            "--vdev",
+        ])
+        .arg(format!(
+            "net_virtio_user0,path={},queues=1",
+            peer_sock.display()
+        ))
+        .args([
+            "--",
+            "--forward-mode=macswap",
+            "--auto-start",
+            "--stats-period=1",
+            "--no-mlockall",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(peer) = peer else {
+        eprintln!("skipping: dpdk-testpmd is not available; run scripts/setup.sh");
+        return;
+    };
+    let _peer = Backend(peer);
+    // Wait until the peer's rings are up on the switch before the guest sends.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&switch_log)
+        .unwrap_or_default()
+        .contains("port peer: frontend connected")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "testpmd never connected to the switch"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    thread::sleep(Duration::from_millis(500));
+    let config = dir.probe_config(
+        "net",
+        1,
+        &format!(
+            "[[net]]\nid = \"net0\"\nsocket = \"{}\"\nmac = \"52:54:00:12:34:56\"\n",
+            vm_sock.display()
+        ),
+    );
+    let mut vmm = Vmm::start(&config);
+    let status = vmm.wait(BOOT_TIMEOUT);
+    let out = vmm.stdout.text();
+    assert!(status.success(), "{out}\n{}", vmm.stderr.text());
+    assert!(
+        out.contains("keel-probe: virtio-net echo ok count=4"),
+        "{out}"
+    );
+    assert!(
+        out.contains("keel-probe: virtio done blk=skipped net=ok"),
+        "{out}"
+    );
+}
