@@ -608,3 +608,54 @@ fn frames_cross_keel_vhost_net_to_a_dpdk_peer_and_back() {
         "{out}"
     );
 }
+
+#[test]
+fn disk_io_continues_while_the_nic_backend_is_down_and_the_nic_recovers() {
+    let dir = SandboxDir::new();
+    let net_sock = dir.path("net.sock");
+    let Some(mut pmd) = testpmd_macswap(&net_sock) else {
+        return;
+    };
+    let image = dir.path("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let blk_sock = dir.path("blk.sock");
+    let _blk = start_keel_vhost_blk(&image, &blk_sock, "both");
+    let config = dir.probe_config(
+        "virtio probe.rounds=80 probe.timeout_ms=20000",
+        1,
+        &format!(
+            "[devices]\nconnect_timeout = \"20s\"\n\
+             [[disk]]\nid = \"disk0\"\nsocket = \"{}\"\n\
+             [[net]]\nid = \"net0\"\nsocket = \"{}\"\nmac = \"52:54:00:12:34:56\"\n",
+            blk_sock.display(),
+            net_sock.display()
+        ),
+    );
+    let mut vmm = Vmm::start(&config);
+    vmm.stdout
+        .wait_for("keel-probe: virtio-blk round 2 ok", BOOT_TIMEOUT);
+    let _ = pmd.0.kill();
+    let _ = pmd.0.wait();
+    vmm.stderr
+        .wait_for("device net0: backend disconnected", Duration::from_secs(30));
+    // The disk keeps serving the guest while the NIC's backend is gone.
+    let seen = vmm.stdout.text().matches("round ").count();
+    vmm.stdout.wait_for(
+        &format!("keel-probe: virtio-blk round {} ok", seen + 3),
+        BOOT_TIMEOUT,
+    );
+    let _ = std::fs::remove_file(&net_sock);
+    let Some(_pmd2) = testpmd_macswap(&net_sock) else {
+        return;
+    };
+    vmm.stderr
+        .wait_for("device net0: backend is back", Duration::from_secs(30));
+    let status = vmm.wait(BOOT_TIMEOUT);
+    let out = vmm.stdout.text();
+    assert!(status.success(), "{out}\n{}", vmm.stderr.text());
+    assert!(out.contains("keel-probe: virtio-blk round 80 ok"), "{out}");
+    assert!(
+        out.contains("keel-probe: virtio done blk=ok net=ok"),
+        "{out}"
+    );
+}
