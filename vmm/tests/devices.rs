@@ -12,6 +12,15 @@ use std::time::{Duration, Instant};
 
 use common::{SandboxDir, Vmm, BOOT_TIMEOUT};
 
+/// DPDK peers need hugepages from a shared pool: tests that start them run one at a
+/// time.
+static DPDK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn dpdk_lock() -> std::sync::MutexGuard<'static, ()> {
+    DPDK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A backend process this test started; killed by PID on drop.
 struct Backend(Child);
 
@@ -213,7 +222,7 @@ fn testpmd_macswap_queues(socket: &Path, queues: u16) -> Option<Backend> {
             // in /dev/hugepages (the vhost PMD maps the guest's memory, not its own).
             "--in-memory",
             "-m",
-            "256",
+            "64",
         ])
         .arg("--vdev")
         .arg(format!(
@@ -246,6 +255,7 @@ fn testpmd_macswap_queues(socket: &Path, queues: u16) -> Option<Backend> {
 
 #[test]
 fn frames_echo_through_dpdk_testpmd_and_both_devices_work_together() {
+    let _dpdk = dpdk_lock();
     let dir = SandboxDir::new();
     let net_sock = dir.path("net.sock");
     let Some(_pmd) = testpmd_macswap(&net_sock) else {
@@ -472,6 +482,7 @@ fn a_multiqueue_disk_shows_its_queues_to_the_guest() {
 
 #[test]
 fn a_multiqueue_nic_offers_its_pairs_and_a_simple_driver_still_works() {
+    let _dpdk = dpdk_lock();
     let dir = SandboxDir::new();
     let net_sock = dir.path("net.sock");
     let Some(_pmd) = testpmd_macswap_queues(&net_sock, 2) else {
@@ -520,6 +531,7 @@ fn own_backend(package: &str) -> std::path::PathBuf {
 
 #[test]
 fn frames_cross_keel_vhost_net_to_a_dpdk_peer_and_back() {
+    let _dpdk = dpdk_lock();
     let dir = SandboxDir::new();
     let vm_sock = dir.path("vm.sock");
     let peer_sock = dir.path("peer.sock");
@@ -551,7 +563,7 @@ fn frames_cross_keel_vhost_net_to_a_dpdk_peer_and_back() {
             "--in-memory",
             "--single-file-segments",
             "-m",
-            "256",
+            "64",
             "--vdev",
         ])
         .arg(format!(
@@ -611,6 +623,7 @@ fn frames_cross_keel_vhost_net_to_a_dpdk_peer_and_back() {
 
 #[test]
 fn disk_io_continues_while_the_nic_backend_is_down_and_the_nic_recovers() {
+    let _dpdk = dpdk_lock();
     let dir = SandboxDir::new();
     let net_sock = dir.path("net.sock");
     let Some(mut pmd) = testpmd_macswap(&net_sock) else {

@@ -67,6 +67,9 @@ pub struct VhostUserConnection {
     inflight: Option<(VhostUserInflight, File)>,
     /// (number of queues, maximum queue size) for the in-flight area.
     inflight_shape: Option<(u16, u16)>,
+    /// Whether guest RAM was already added region by region (CONFIGURE_MEM_SLOTS)
+    /// on this connection.
+    regions_added: bool,
     started: Vec<usize>,
     /// What was started, to replay on a new connection after a backend restart.
     replay: Option<Replay>,
@@ -134,6 +137,7 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
 }
 
 impl VhostUserConnection {
@@ -186,6 +190,7 @@ impl VhostUserConnection {
             extra,
             inflight: None,
             inflight_shape: None,
+            regions_added: false,
             started: Vec::new(),
             replay: None,
         })
@@ -223,6 +228,7 @@ impl VhostUserConnection {
             });
         }
         self.frontend = n.frontend;
+        self.regions_added = false;
         self.backend_features = n.backend_features;
         self.protocol = n.protocol;
         self.backend_queues = n.backend_queues;
@@ -379,6 +385,44 @@ impl VhostUserConnection {
         Ok(())
     }
 
+    /// Gives the backend guest RAM: region by region when it supports memory slots
+    /// (once per connection), else as one memory table.
+    fn share_memory(&mut self, regions: &[VhostUserMemoryRegionInfo]) -> Result<(), DeviceError> {
+        if !self
+            .protocol
+            .contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+        {
+            return self
+                .frontend
+                .set_mem_table(regions)
+                .map(|_| ())
+                .map_err(|e| self.backend_error("SET_MEM_TABLE", e));
+        }
+        if self.regions_added {
+            return Ok(());
+        }
+        let slots = self
+            .frontend
+            .get_max_mem_slots()
+            .map_err(|e| self.backend_error("GET_MAX_MEM_SLOTS", e))?;
+        if regions.len() as u64 > slots {
+            return Err(self.backend_error(
+                "memory slots",
+                format!(
+                    "guest RAM has {} regions, the backend takes {slots}",
+                    regions.len()
+                ),
+            ));
+        }
+        for region in regions {
+            self.frontend
+                .add_mem_region(region)
+                .map_err(|e| self.backend_error("ADD_MEM_REG", e))?;
+        }
+        self.regions_added = true;
+        Ok(())
+    }
+
     fn program(
         &mut self,
         mem: &GuestMemoryMmap,
@@ -397,9 +441,7 @@ impl VhostUserConnection {
                 .map_err(|e| self.backend_error("memory region", e))?;
             regions.push(info);
         }
-        self.frontend
-            .set_mem_table(&regions)
-            .map_err(|e| self.backend_error("SET_MEM_TABLE", e))?;
+        self.share_memory(&regions)?;
         self.setup_inflight()?;
         for ((q, call), base) in queues.iter().zip(calls).zip(bases) {
             let host = |addr: u64| -> Result<u64, DeviceError> {
