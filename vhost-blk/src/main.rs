@@ -65,6 +65,9 @@ fn main() -> ExitCode {
         "READY=1\nSTATUS=serving {} disk(s), 0 frontend(s) connected",
         disks.len()
     ));
+    if let Some(every) = notify::spawn_watchdog(|| true) {
+        info!("systemd watchdog: pinging every {every:?}");
+    }
     // A failed export ends the process like a stop signal does, but with an error.
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<bool>();
     let on_failure = stop_tx.clone();

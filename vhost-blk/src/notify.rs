@@ -10,6 +10,7 @@ use std::io;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use log::{debug, warn};
 
@@ -129,11 +130,65 @@ pub fn status(text: &str) -> bool {
     notify(&format!("STATUS={}", text.replace('\n', " ")))
 }
 
+/// The watchdog ping interval systemd asks for (`WATCHDOG_USEC`, half of it, as
+/// sd_watchdog_enabled recommends), if the watchdog is meant for this process.
+pub fn watchdog_interval_from(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<Duration> {
+    if let Some(pid) = pid {
+        if pid.trim().parse::<u32>().ok() != Some(me) {
+            return None;
+        }
+    }
+    let usec: u64 = usec?.trim().parse().ok().filter(|&u| u > 0)?;
+    Some(Duration::from_micros(usec / 2).max(Duration::from_millis(1)))
+}
+
+/// Starts a thread that sends `WATCHDOG=1` at half of `WATCHDOG_USEC` while the
+/// process lives, when systemd asked for it. The pings stop when `alive` returns
+/// false (a worker that stopped making progress).
+pub fn spawn_watchdog(alive: impl Fn() -> bool + Send + 'static) -> Option<Duration> {
+    let interval = watchdog_interval_from(
+        std::env::var("WATCHDOG_USEC").ok().as_deref(),
+        std::env::var("WATCHDOG_PID").ok().as_deref(),
+        std::process::id(),
+    )?;
+    let spawned = std::thread::Builder::new()
+        .name("sd-watchdog".into())
+        .spawn(move || loop {
+            std::thread::sleep(interval);
+            if alive() {
+                notify("WATCHDOG=1");
+            }
+        });
+    match spawned {
+        Ok(_) => Some(interval),
+        Err(e) => {
+            warn!("cannot start the watchdog thread: {e}");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    #[test]
+    fn watchdog_interval_is_half_and_only_for_us() {
+        assert_eq!(
+            watchdog_interval_from(Some("200000"), None, 7),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(
+            watchdog_interval_from(Some("200000"), Some("7"), 7),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(watchdog_interval_from(Some("200000"), Some("8"), 7), None);
+        assert_eq!(watchdog_interval_from(Some("0"), None, 7), None);
+        assert_eq!(watchdog_interval_from(Some("x"), None, 7), None);
+        assert_eq!(watchdog_interval_from(None, None, 7), None);
+    }
 
     #[test]
     fn addresses() {

@@ -97,3 +97,35 @@ fn failure_to_listen_is_reported_and_never_ready() {
     assert!(msg.starts_with("STATUS=failed:"), "{msg:?}");
     assert!(!msg.contains("READY=1"));
 }
+
+#[test]
+fn watchdog_pings_arrive_at_half_the_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let listener = UnixDatagram::bind(&path).unwrap();
+    listener
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let image = dir.path().join("disk.img");
+    make_image(&image, 1 << 20, 3);
+    let notify = path.to_str().unwrap();
+    let mut backend = Backend::start_with_env(
+        dir.path(),
+        &image,
+        &[],
+        &[("NOTIFY_SOCKET", notify), ("WATCHDOG_USEC", "200000")],
+    );
+    recv_until(&listener, "READY=1");
+    let start = std::time::Instant::now();
+    let mut pings = 0;
+    while pings < 5 {
+        if recv(&listener).lines().any(|l| l == "WATCHDOG=1") {
+            pings += 1;
+        }
+    }
+    let elapsed = start.elapsed();
+    // Five pings at ~100 ms: generous bounds for a loaded machine.
+    assert!(elapsed >= Duration::from_millis(350), "{elapsed:?}");
+    assert!(elapsed <= Duration::from_secs(5), "{elapsed:?}");
+    assert!(backend.terminate().success());
+}
