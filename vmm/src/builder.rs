@@ -162,9 +162,11 @@ pub fn run(config: &SandboxConfig, started_ns: u64) -> Result<RunOutcome, VmmErr
     let signals = StopSignals::new().map_err(io_err("cannot set up the signalfd"))?;
 
     // Passthrough devices: check the host before anything is allocated.
-    crate::vfio::preflight(config).map_err(pci_devices::PciDeviceError::from)?;
+    let vfio = crate::vfio::preflight(config).map_err(pci_devices::PciDeviceError::from)?;
+    let mut memory_config = config.memory.clone();
+    memory_config.numa_node = crate::vfio::default_numa_node(config, &vfio);
     let vm = kvm::create_vm()?;
-    let ram = memory::create(&config.memory)?;
+    let ram = memory::create(&memory_config)?;
     // Declared after `ram`, so it is dropped first: no memory slot outlives its mapping.
     let vm = vm;
 

@@ -105,8 +105,8 @@ pub fn preflight_at(
             warn!("{w}");
         } else if let (Some(node), None) = (report.numa_node, config.memory.numa_node) {
             info!(
-                "vfio {}: the device is on NUMA node {node}; [memory] numa_node = {node} keeps \
-                 its DMA local",
+                "vfio {}: the device is on NUMA node {node}; guest RAM is bound there \
+                 unless [memory] numa_node says otherwise",
                 dev.id
             );
         }
@@ -117,6 +117,15 @@ pub fn preflight_at(
         check_memlock(memlock, config.memory.size_bytes)?;
     }
     Ok(reports)
+}
+
+/// The NUMA node guest RAM should be bound to: the configured one, else the node of
+/// the first passthrough device that reports one (its DMA then stays local).
+pub fn default_numa_node(config: &SandboxConfig, reports: &[DeviceReport]) -> Option<u32> {
+    config
+        .memory
+        .numa_node
+        .or_else(|| reports.iter().find_map(|r| r.numa_node))
 }
 
 /// Maps device BAR areas into the guest as KVM memory slots.
@@ -290,4 +299,48 @@ pub fn attach(
         info!("vfio {id}: PCI 00:{slot:02x}.0");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod numa_tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn report(node: Option<u32>) -> DeviceReport {
+        DeviceReport {
+            sysfs_path: PathBuf::from("/sys/bus/pci/devices/0000:01:00.0"),
+            group: 7,
+            numa_node: node,
+        }
+    }
+
+    fn config(numa: Option<u32>) -> SandboxConfig {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vmlinux"), b"\x7fELF").unwrap();
+        let host = crate::config::HostInfo {
+            online_cpus: vec![0, 1],
+            numa_nodes: vec![0, 1],
+        };
+        let numa = numa
+            .map(|n| format!("numa_node = {n}\n"))
+            .unwrap_or_default();
+        let text = format!(
+            "name = \"v\"\n[memory]\nsize = \"64MiB\"\n{numa}[boot]\nkernel = \"vmlinux\"\n"
+        );
+        crate::config::parse_str_with_host(&text, &dir.path().join("v.toml"), &host).unwrap()
+    }
+
+    #[test]
+    fn the_devices_node_is_the_default_and_the_config_wins() {
+        assert_eq!(
+            default_numa_node(&config(None), &[report(Some(1))]),
+            Some(1)
+        );
+        assert_eq!(
+            default_numa_node(&config(Some(0)), &[report(Some(1))]),
+            Some(0)
+        );
+        assert_eq!(default_numa_node(&config(None), &[report(None)]), None);
+        assert_eq!(default_numa_node(&config(None), &[]), None);
+    }
 }
