@@ -110,16 +110,19 @@ fn control_request(socket: &std::path::Path, command: CtlCommand) -> ExitCode {
 }
 
 /// Checks what the sandbox needs from the host at start beyond the config itself:
-/// the free hugepage pool.
-fn check_host_resources(c: &config::SandboxConfig) -> Result<(), config::host::HostError> {
-    match c.memory.hugepages {
-        config::HugePages::None => Ok(()),
-        huge => config::host::check_hugepage_pool(
+/// the free hugepage pool and, for passthrough devices, VFIO.
+fn check_host_resources(c: &config::SandboxConfig) -> Result<(), String> {
+    if c.memory.hugepages != config::HugePages::None {
+        config::host::check_hugepage_pool(
             std::path::Path::new("/sys"),
-            huge.page_size(),
+            c.memory.hugepages.page_size(),
             c.memory.size_bytes,
-        ),
+        )
+        .map_err(|e| e.to_string())?;
     }
+    keel_vmm::vfio::preflight(c)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 fn init_logging() {

@@ -41,3 +41,26 @@ fn vfio_device_without_host_vfio_fails_early_with_the_fix() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(10), "fails early");
 }
+
+#[test]
+fn check_runs_the_same_host_checks() {
+    if Path::new("/dev/vfio").exists() {
+        eprintln!("skipped: this host has /dev/vfio");
+        return;
+    }
+    let dir = SandboxDir::new();
+    let config = dir.probe_config(
+        "hello",
+        1,
+        "[[vfio]]\nid = \"nic0\"\naddress = \"0000:01:00.0\"\n",
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keel-vmm"))
+        .arg("check")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("/dev/vfio does not exist"), "{err}");
+}
