@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF};
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
@@ -22,28 +22,34 @@ use vmm_sys_util::event::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::net::{self, TxBatch};
+use crate::offload;
 use crate::switch::{lock, ForwardScratch, GuestMem, Port, RxTarget, Switch, Vring};
 
-/// Queue index of the RX queue (device to driver).
+/// Queue index of the RX queue (device to driver) within a pair.
 pub const RX_QUEUE: usize = 0;
-/// Queue index of the TX queue (driver to device).
+/// Queue index of the TX queue (driver to device) within a pair.
 pub const TX_QUEUE: usize = 1;
-/// Number of queues: one RX/TX pair.
-pub const NUM_QUEUES: usize = 2;
-/// The epoll id of the attach event (past the queues and the exit event).
-pub const ATTACH_EVENT: u16 = NUM_QUEUES as u16 + 1;
+/// The epoll id of the attach event (past every queue and the exit event).
+pub const ATTACH_EVENT: u16 = 2 * crate::config::MAX_QUEUE_PAIRS + 1;
 /// Chains taken from a TX queue per round.
 pub const TX_BATCH: usize = 64;
 /// Longest busy-poll round before the worker returns to epoll.
 pub const MAX_POLL_ROUND: Duration = Duration::from_millis(50);
-/// Size of the virtio-net config space we serve (mac and status).
-const CONFIG_LEN: usize = 8;
+/// Size of the virtio-net config space we serve (mac, status, max_virtqueue_pairs).
+const CONFIG_LEN: usize = 10;
 
-/// Scratch space of the port's worker thread.
+/// Scratch space of one worker thread (one queue pair).
 #[derive(Default)]
 struct WorkerState {
     batch: TxBatch,
     fwd: ForwardScratch,
+}
+
+/// One worker's private parts.
+struct Worker {
+    state: Mutex<WorkerState>,
+    attach: EventFd,
+    pinned: AtomicBool,
 }
 
 /// The backend of one port for one frontend connection.
@@ -53,9 +59,8 @@ pub struct PortBackend {
     mem: GuestMem,
     queue_size: u16,
     poll: Duration,
-    worker: Mutex<WorkerState>,
+    workers: Vec<Worker>,
     broken_logged: AtomicBool,
-    attach: EventFd,
 }
 
 impl PortBackend {
@@ -68,27 +73,43 @@ impl PortBackend {
         queue_size: u16,
         poll: Duration,
     ) -> io::Result<Self> {
+        let workers = (0..port.cfg.queues.max(1))
+            .map(|_| {
+                Ok(Worker {
+                    state: Mutex::new(WorkerState::default()),
+                    attach: EventFd::new(EFD_NONBLOCK)?,
+                    pinned: AtomicBool::new(false),
+                })
+            })
+            .collect::<io::Result<Vec<_>>>()?;
         Ok(PortBackend {
             switch,
             port,
             mem,
             queue_size,
             poll,
-            worker: Mutex::new(WorkerState::default()),
+            workers,
             broken_logged: AtomicBool::new(false),
-            attach: EventFd::new(EFD_NONBLOCK)?,
         })
     }
 
-    /// The eventfd to register with id [`ATTACH_EVENT`] on the worker: when it fires,
-    /// the worker publishes the port's RX vring to the switch.
-    pub fn attach_fd(&self) -> RawFd {
-        self.attach.as_raw_fd()
+    /// Number of queue pairs (and worker threads).
+    pub fn pairs(&self) -> usize {
+        self.workers.len()
     }
 
-    /// Asks the worker thread to publish the RX vring.
+    /// The eventfd to register with id [`ATTACH_EVENT`] on worker `i`: when it fires,
+    /// the worker publishes its RX vring to the switch.
+    pub fn attach_fd(&self, i: usize) -> Option<RawFd> {
+        self.workers.get(i).map(|w| w.attach.as_raw_fd())
+    }
+
+    /// Asks every worker thread to publish its RX vring.
     pub fn request_attach(&self) -> io::Result<()> {
-        self.attach.write(1)
+        for w in &self.workers {
+            w.attach.write(1)?;
+        }
+        Ok(())
     }
 
     fn config_space(&self) -> [u8; CONFIG_LEN] {
@@ -98,24 +119,48 @@ impl PortBackend {
         }
         // status: VIRTIO_NET_S_LINK_UP (only meaningful with F_STATUS, harmless without).
         c[6] = 1;
+        c[8..10].copy_from_slice(&(self.pairs() as u16).to_le_bytes());
         c
+    }
+
+    /// Pins the calling worker thread to its CPU, once.
+    fn pin(&self, thread: usize) {
+        let Some(w) = self.workers.get(thread) else {
+            return;
+        };
+        let cpus = &self.port.cfg.cpu;
+        if cpus.is_empty() || w.pinned.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let cpu = cpus[thread % cpus.len()];
+        match pin_current_thread(cpu) {
+            Ok(()) => info!("{}: worker {thread} pinned to CPU {cpu}", self.port.name()),
+            Err(e) => warn!(
+                "{}: cannot pin worker {thread} to CPU {cpu}: {e}",
+                self.port.name()
+            ),
+        }
     }
 
     /// Takes everything the frontend queued for transmission through the switch, in
     /// batches. With `rearm`, notifications are re-enabled at the end (and the ring
     /// re-checked); without, they stay off (busy polling). Returns whether any chain
     /// was taken.
-    fn process_tx(&self, vring: &Vring, rearm: bool) -> bool {
-        let mem = self.mem.memory();
+    fn process_tx(&self, thread: usize, vring: &Vring, rearm: bool) -> bool {
+        let Some(worker) = self.workers.get(thread) else {
+            return false;
+        };
+        let mem = self.mem.memory().into_inner();
         let mut state = vring.get_mut();
         if !state.get_queue().ready() || !state.is_enabled() {
             return false;
         }
         let hdr_len = net::header_len(self.port.features());
-        let mut w = lock(&self.worker);
+        let mut w = lock(&worker.state);
         let WorkerState { batch, fwd } = &mut *w;
         let q = state.get_queue_mut();
         let mut used = false;
+        let mut notify = false;
         loop {
             if let Err(e) = q.disable_notification(&*mem) {
                 self.broken(&e.to_string());
@@ -130,17 +175,16 @@ impl PortBackend {
                         break;
                     }
                 }
-                self.switch.forward(&self.port, batch, fwd);
-                for f in &batch.frames {
-                    if q.add_used(&*mem, f.head, 0).is_err() {
-                        self.port.counters.queue_broken();
-                    }
-                }
+                self.switch.forward(&self.port, thread, batch, fwd);
+                notify |= net::release_tx(q, batch);
+                let full = batch.frames.len() == TX_BATCH;
+                batch.clear();
                 used = true;
-                if batch.frames.len() < TX_BATCH {
+                if !full {
                     break;
                 }
             }
+            batch.clear();
             if !rearm {
                 break;
             }
@@ -153,7 +197,7 @@ impl PortBackend {
                 }
             }
         }
-        if used && net::wants_interrupt(q, &mem) {
+        if notify {
             if let Err(e) = state.signal_used_queue() {
                 debug!("{}: cannot signal TX: {e}", self.port.name());
             }
@@ -164,21 +208,21 @@ impl PortBackend {
     /// Handles a TX kick: in event mode one pass; in busy-poll mode keep polling with
     /// notifications off until the ring has been idle for the poll window (or for at
     /// most [`MAX_POLL_ROUND`], to let the worker see its other events), then re-arm.
-    fn kick_tx(&self, vring: &Vring) {
+    fn kick_tx(&self, thread: usize, vring: &Vring) {
         if self.poll.is_zero() {
-            self.process_tx(vring, true);
+            self.process_tx(thread, vring, true);
             return;
         }
         let start = Instant::now();
         let mut idle_since = start;
         while idle_since.elapsed() < self.poll && start.elapsed() < MAX_POLL_ROUND {
-            if self.process_tx(vring, false) {
+            if self.process_tx(thread, vring, false) {
                 idle_since = Instant::now();
             } else {
                 std::hint::spin_loop();
             }
         }
-        self.process_tx(vring, true);
+        self.process_tx(thread, vring, true);
     }
 
     fn broken(&self, why: &str) {
@@ -189,12 +233,30 @@ impl PortBackend {
     }
 }
 
+/// Pins the calling thread to `cpu`.
+pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: an all-zero cpu_set_t is a valid empty set; CPU_SET writes inside it
+    // (cpu < CPU_SETSIZE); sched_setaffinity(0) reads the set for the calling thread.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 impl VhostUserBackend for PortBackend {
     type Bitmap = ();
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
-        NUM_QUEUES
+        2 * self.pairs()
     }
 
     fn max_queue_size(&self) -> usize {
@@ -210,6 +272,12 @@ impl VhostUserBackend for PortBackend {
         if self.port.cfg.mac.is_some() {
             f |= 1 << VIRTIO_NET_F_MAC;
         }
+        if self.pairs() > 1 {
+            f |= 1 << VIRTIO_NET_F_MQ;
+        }
+        if self.switch.offloads {
+            f |= offload::OFFLOAD_FEATURES;
+        }
         f
     }
 
@@ -218,9 +286,14 @@ impl VhostUserBackend for PortBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
+        let f = VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        if self.pairs() > 1 {
+            f | VhostUserProtocolFeatures::MQ
+        } else {
+            f
+        }
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -248,8 +321,8 @@ impl VhostUserBackend for PortBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        // One worker per port handles both queues.
-        vec![(1 << NUM_QUEUES) - 1]
+        // One worker per queue pair.
+        (0..self.pairs()).map(|i| 0b11 << (2 * i)).collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -261,21 +334,27 @@ impl VhostUserBackend for PortBackend {
         device_event: u16,
         _evset: EventSet,
         vrings: &[Vring],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
+        self.pin(thread_id);
         match device_event {
             ATTACH_EVENT => {
-                let _ = self.attach.read();
+                if let Some(w) = self.workers.get(thread_id) {
+                    let _ = w.attach.read();
+                }
                 if let Some(rx) = vrings.get(RX_QUEUE) {
-                    self.port.attach(RxTarget {
-                        vring: rx.clone(),
-                        mem: self.mem.clone(),
-                    });
+                    self.port.attach(
+                        thread_id,
+                        RxTarget {
+                            vring: rx.clone(),
+                            mem: self.mem.clone(),
+                        },
+                    );
                 }
             }
             e if usize::from(e) == TX_QUEUE => {
                 if let Some(tx) = vrings.get(TX_QUEUE) {
-                    self.kick_tx(tx);
+                    self.kick_tx(thread_id, tx);
                 }
             }
             // RX kicks: the driver posted buffers. Frames are delivered as they arrive

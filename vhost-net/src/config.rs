@@ -103,6 +103,9 @@ impl<'de> Deserialize<'de> for Mac {
     }
 }
 
+/// Most queue pairs per port.
+pub const MAX_QUEUE_PAIRS: u16 = 16;
+
 /// One sandbox port: a vhost-user socket the backend listens on.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -115,6 +118,50 @@ pub struct PortConfig {
     /// dropped (anti-spoofing) and the MAC is offered in the virtio-net config space.
     #[serde(default)]
     pub mac: Option<Mac>,
+    /// Queue pairs (MQ when above 1), one worker thread each.
+    #[serde(default = "one")]
+    pub queues: u16,
+    /// CPUs the workers are pinned to: worker `i` on `cpu[i % len]` (empty: no
+    /// pinning). TOML: `cpu = 2` or `cpu = [2, 3]`; command line: `cpu=2` or `cpu=2/3`.
+    #[serde(default, deserialize_with = "cpu_list")]
+    pub cpu: Vec<usize>,
+    /// Bits per second the port may send into the switch (0: unlimited).
+    #[serde(default)]
+    pub rate_bps: u64,
+    /// Packets per second the port may send into the switch (0: unlimited).
+    #[serde(default)]
+    pub rate_pps: u64,
+}
+
+fn one() -> u16 {
+    1
+}
+
+fn cpu_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<usize>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(usize),
+        Many(Vec<usize>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(c) => vec![c],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+impl Default for PortConfig {
+    fn default() -> Self {
+        PortConfig {
+            name: String::new(),
+            socket: PathBuf::new(),
+            mac: None,
+            queues: 1,
+            cpu: Vec::new(),
+            rate_bps: 0,
+            rate_pps: 0,
+        }
+    }
 }
 
 impl PortConfig {
@@ -144,6 +191,15 @@ impl PortConfig {
                 return Err(format!("mac: expected a unicast address, found {mac}"));
             }
         }
+        if self.queues == 0 || self.queues > MAX_QUEUE_PAIRS {
+            return Err(format!(
+                "queues: expected 1 to {MAX_QUEUE_PAIRS} queue pairs, found {}",
+                self.queues
+            ));
+        }
+        if let Some(c) = self.cpu.iter().find(|&&c| c >= libc::CPU_SETSIZE as usize) {
+            return Err(format!("cpu: {c} is not a valid CPU number"));
+        }
         Ok(())
     }
 }
@@ -151,9 +207,15 @@ impl PortConfig {
 impl FromStr for PortConfig {
     type Err = String;
 
-    /// Parses `name=p0,socket=PATH[,mac=MAC]`.
+    /// Parses `name=p0,socket=PATH[,mac=MAC][,queues=N][,cpu=C[/C..]][,rate_bps=N]
+    /// [,rate_pps=N]`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (mut name, mut socket, mut mac) = (None, None, None);
+        let (mut name, mut socket) = (None, None);
+        let mut port = PortConfig::default();
+        let num = |k: &str, v: &str| -> Result<u64, String> {
+            v.parse::<u64>()
+                .map_err(|_| format!("{k}: expected a number, found {v:?}"))
+        };
         for item in s.split(',') {
             let (k, v) = item
                 .split_once('=')
@@ -161,15 +223,28 @@ impl FromStr for PortConfig {
             match k {
                 "name" => name = Some(v.to_string()),
                 "socket" => socket = Some(PathBuf::from(v)),
-                "mac" => mac = Some(v.parse::<Mac>()?),
-                _ => return Err(format!("unknown key {k:?}: expected name, socket or mac")),
+                "mac" => port.mac = Some(v.parse::<Mac>()?),
+                "queues" => {
+                    port.queues = u16::try_from(num(k, v)?)
+                        .map_err(|_| format!("queues: {v} is too large"))?
+                }
+                "cpu" => {
+                    port.cpu = v
+                        .split('/')
+                        .map(|c| num(k, c).map(|c| c as usize))
+                        .collect::<Result<_, _>>()?
+                }
+                "rate_bps" => port.rate_bps = num(k, v)?,
+                "rate_pps" => port.rate_pps = num(k, v)?,
+                _ => {
+                    return Err(format!(
+                        "unknown key {k:?}: expected name, socket, mac, queues, cpu, rate_bps or rate_pps"
+                    ))
+                }
             }
         }
-        let port = PortConfig {
-            name: name.ok_or("missing name=")?,
-            socket: socket.ok_or("missing socket=")?,
-            mac,
-        };
+        port.name = name.ok_or("missing name=")?;
+        port.socket = socket.ok_or("missing socket=")?;
         port.validate()?;
         Ok(port)
     }
@@ -191,7 +266,7 @@ impl TapConfig {
         PortConfig {
             name: self.name.clone(),
             socket: PathBuf::from("tap"),
-            mac: None,
+            ..PortConfig::default()
         }
         .validate()?;
         if self.dev.is_empty() || self.dev.len() > 15 || self.dev.contains(['/', '\0', ' ']) {
@@ -265,6 +340,11 @@ pub struct Args {
     /// this many microseconds (0: event mode, sleep on kicks).
     #[arg(long, default_value_t = 0)]
     pub poll_us: u64,
+    /// Offer checksum and segmentation offloads (CSUM, GUEST_CSUM, HOST_/GUEST_TSO4,
+    /// TSO6, ECN, UFO) and enable them on TAP uplinks; the virtio-net header is passed
+    /// between ports. GSO frames for a port that did not negotiate them are dropped.
+    #[arg(long)]
+    pub offloads: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -280,6 +360,8 @@ struct RawFile {
     stats_interval: u64,
     #[serde(default)]
     poll_us: u64,
+    #[serde(default)]
+    offloads: bool,
     #[serde(default)]
     port: Vec<toml::Spanned<PortConfig>>,
     #[serde(default)]
@@ -310,6 +392,8 @@ pub struct SwitchConfig {
     pub stats_interval: Duration,
     /// Busy-poll idle window; zero means event mode.
     pub poll: Duration,
+    /// Whether offloads are offered.
+    pub offloads: bool,
 }
 
 impl TapConfig {
@@ -318,7 +402,7 @@ impl TapConfig {
         PortConfig {
             name: self.name.clone(),
             socket: PathBuf::from(format!("tap:{}", self.dev)),
-            mac: None,
+            ..PortConfig::default()
         }
     }
 }
@@ -390,6 +474,7 @@ pub fn switch_from_args(args: &Args) -> Result<SwitchConfig, ConfigError> {
         queue_size: args.queue_size,
         stats_interval: Duration::from_secs(args.stats_interval),
         poll: Duration::from_micros(args.poll_us),
+        offloads: args.offloads,
     };
     cfg.validate().map_err(ConfigError::Args)?;
     if let Some(m) = duplicate(&cfg.ports) {
@@ -455,6 +540,7 @@ pub fn parse_toml(text: &str, file: &Path) -> Result<SwitchConfig, ConfigError> 
         queue_size: raw.queue_size,
         stats_interval: Duration::from_secs(raw.stats_interval),
         poll: Duration::from_micros(raw.poll_us),
+        offloads: raw.offloads,
     };
     cfg.validate().map_err(|m| invalid(0, m))?;
     if cfg.ports.is_empty() && cfg.control.is_none() {

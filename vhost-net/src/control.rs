@@ -1,7 +1,9 @@
 //! The JSON-lines control socket: one request per line, one reply line each.
 //!
 //! Requests: `{"cmd":"stats"}`, `{"cmd":"add-port","name":"p2","socket":"/run/p2.sock",
-//! "mac":"52:54:00:00:00:02"}` (`mac` optional), `{"cmd":"remove-port","name":"p2"}`.
+//! "mac":"52:54:00:00:00:02"}` (optional: `mac`, `queues`, `cpu` (a list),
+//! `rate_bps`, `rate_pps`), `{"cmd":"remove-port","name":"p2"}`,
+//! `{"cmd":"set-rate","name":"p2","bps":1000000000,"pps":0}` (0: unlimited).
 //! Replies: `{"ok":true,...}` or `{"ok":false,"error":"..."}`. Lines over 4 KiB get an
 //! error reply and the connection is closed.
 
@@ -35,6 +37,10 @@ pub enum ControlError {
     },
 }
 
+fn one() -> u16 {
+    1
+}
+
 /// A control request.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
@@ -45,9 +51,24 @@ enum Request {
         socket: PathBuf,
         #[serde(default)]
         mac: Option<String>,
+        #[serde(default = "one")]
+        queues: u16,
+        #[serde(default)]
+        cpu: Vec<usize>,
+        #[serde(default)]
+        rate_bps: u64,
+        #[serde(default)]
+        rate_pps: u64,
     },
     RemovePort {
         name: String,
+    },
+    SetRate {
+        name: String,
+        #[serde(default)]
+        bps: u64,
+        #[serde(default)]
+        pps: u64,
     },
 }
 
@@ -138,7 +159,15 @@ pub fn handle_line(line: &[u8], server: &Server) -> Value {
             let ports: Vec<_> = server.switch().ports().iter().map(|p| p.stats()).collect();
             json!({"ok": true, "ports": ports, "macs": server.switch().macs.len()})
         }
-        Request::AddPort { name, socket, mac } => {
+        Request::AddPort {
+            name,
+            socket,
+            mac,
+            queues,
+            cpu,
+            rate_bps,
+            rate_pps,
+        } => {
             if !socket.is_absolute() {
                 return error("socket: expected an absolute path");
             }
@@ -146,7 +175,16 @@ pub fn handle_line(line: &[u8], server: &Server) -> Value {
                 Ok(m) => m,
                 Err(e) => return error(&format!("mac: {e}")),
             };
-            match server.add_port(PortConfig { name, socket, mac }) {
+            let cfg = PortConfig {
+                name,
+                socket,
+                mac,
+                queues,
+                cpu,
+                rate_bps,
+                rate_pps,
+            };
+            match server.add_port(cfg) {
                 Ok(_) => json!({"ok": true}),
                 Err(e) => error(&e.to_string()),
             }
@@ -154,6 +192,13 @@ pub fn handle_line(line: &[u8], server: &Server) -> Value {
         Request::RemovePort { name } => match server.remove_port(&name) {
             Ok(()) => json!({"ok": true}),
             Err(e) => error(&e.to_string()),
+        },
+        Request::SetRate { name, bps, pps } => match server.switch().port(&name) {
+            Some(p) => {
+                p.limiter.set(bps, pps);
+                json!({"ok": true})
+            }
+            None => error(&format!("no port named {name:?}")),
         },
     }
 }

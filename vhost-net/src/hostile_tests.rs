@@ -78,7 +78,7 @@ fn pop_one(mem: &GuestMemoryMmap, chains: &[&[(u64, u32, u16)]]) -> (TxBatch, Qu
     add_chains(&mock, chains);
     let mut q: Queue = mock.create_queue().unwrap();
     let mut batch = TxBatch::default();
-    net::pop_tx(&mut q, mem, HDR_LEN, &mut batch, 64).unwrap();
+    net::pop_tx(&mut q, &Arc::new(mem.clone()), HDR_LEN, &mut batch, 64).unwrap();
     (batch, q)
 }
 
@@ -107,7 +107,7 @@ fn tx_frames_in_one_or_several_buffers() {
     assert_eq!(batch.frames.len(), 2);
     for fr in &batch.frames {
         let r = fr.frame.clone().unwrap();
-        assert_eq!(batch.bytes(&r), &f[..]);
+        assert_eq!(batch.bytes(&r), f);
     }
     assert_eq!(batch.frames[1].head, 1);
 }
@@ -175,7 +175,7 @@ fn tx_loops_and_bad_next_are_dropped() {
     mock.add_desc_chains(&raw, 0).unwrap();
     let mut q: Queue = mock.create_queue().unwrap();
     let mut batch = TxBatch::default();
-    net::pop_tx(&mut q, &mem, HDR_LEN, &mut batch, 64).unwrap();
+    net::pop_tx(&mut q, &Arc::new(mem.clone()), HDR_LEN, &mut batch, 64).unwrap();
     assert_eq!(batch.frames.len(), 1);
     assert_eq!(batch.frames[0].frame, Err(TxDrop::BadDescriptor));
 
@@ -184,7 +184,7 @@ fn tx_loops_and_bad_next_are_dropped() {
     let raw = [RawDescriptor::from(Descriptor::new(BUF, len, n, 200))];
     mock.add_desc_chains(&raw, 0).unwrap();
     let mut q: Queue = mock.create_queue().unwrap();
-    net::pop_tx(&mut q, &mem, HDR_LEN, &mut batch, 64).unwrap();
+    net::pop_tx(&mut q, &Arc::new(mem.clone()), HDR_LEN, &mut batch, 64).unwrap();
     assert_eq!(batch.frames[0].frame, Err(TxDrop::BadDescriptor));
 
     // An indirect table whose entries loop.
@@ -210,7 +210,7 @@ fn tx_loops_and_bad_next_are_dropped() {
     .unwrap();
     let (batch, _) = pop_one(&mem, &[&[(table, 16, VRING_DESC_F_INDIRECT as u16)]]);
     let r = batch.frames[0].frame.clone().unwrap();
-    assert_eq!(batch.bytes(&r), &f[..]);
+    assert_eq!(batch.bytes(&r), f);
 }
 
 #[test]
@@ -220,7 +220,7 @@ fn tx_avail_index_far_ahead_is_an_error_not_a_hang() {
     mock.avail().idx().store(1000);
     let mut q: Queue = mock.create_queue().unwrap();
     let mut batch = TxBatch::default();
-    assert!(net::pop_tx(&mut q, &mem, HDR_LEN, &mut batch, 64).is_err());
+    assert!(net::pop_tx(&mut q, &Arc::new(mem.clone()), HDR_LEN, &mut batch, 64).is_err());
 }
 
 /// Reads used element `i` of a mock queue: (id, len).
@@ -377,6 +377,7 @@ impl Bench {
                     name: format!("p{i}"),
                     socket: format!("/nonexistent/p{i}.sock").into(),
                     mac: mac.map(Mac),
+                    ..PortConfig::default()
                 })
                 .unwrap();
             port.set_features(FEATURES);
@@ -397,10 +398,13 @@ impl Bench {
                 .unwrap();
             vring.set_queue_ready(true);
             vring.set_enabled(true);
-            port.attach(RxTarget {
-                vring,
-                mem: mem.clone(),
-            });
+            port.attach(
+                0,
+                RxTarget {
+                    vring,
+                    mem: mem.clone(),
+                },
+            );
             ports.push(port);
         }
         Bench { switch, mem, ports }
@@ -419,9 +423,11 @@ impl Bench {
         add_chains(&mock, &refs);
         let mut q: Queue = mock.create_queue().unwrap();
         let mut batch = TxBatch::default();
-        net::pop_tx(&mut q, &guard, HDR_LEN, &mut batch, 64).unwrap();
+        net::pop_tx(&mut q, &guard.clone().into_inner(), HDR_LEN, &mut batch, 64).unwrap();
         let mut scratch = ForwardScratch::default();
-        self.switch.forward(&self.ports[from], &batch, &mut scratch);
+        self.switch
+            .forward(&self.ports[from], 0, &batch, &mut scratch);
+        net::release_tx(&mut q, &mut batch);
     }
 
     fn counters(&self, port: usize) -> CounterSnapshot {
@@ -506,4 +512,122 @@ fn mac_table_ages_entries() {
     assert_eq!(t.lookup(&Mac(A), 1600), Some(8));
     t.expire(5000);
     assert!(t.is_empty());
+}
+
+/// A frame with a virtio-net header `hdr` sent by port `from` (queue size 64).
+fn send_with_header(b: &Bench, from: usize, frames: &[Vec<u8>], hdr: &[u8; HDR_LEN]) {
+    let guard = b.mem.memory();
+    let mock = MockSplitQueue::create(&*guard, GuestAddress(0x30_0000), 64);
+    let mut chains = Vec::new();
+    for (i, f) in frames.iter().enumerate() {
+        let addr = 0x31_0000 + 0x1000 * i as u64;
+        let len = put_tx(&guard, addr, f);
+        guard.write_slice(hdr, GuestAddress(addr)).unwrap();
+        chains.push([(addr, len, 0u16)]);
+    }
+    let refs: Vec<&[(u64, u32, u16)]> = chains.iter().map(|c| &c[..]).collect();
+    add_chains(&mock, &refs);
+    let mut q: Queue = mock.create_queue().unwrap();
+    let mut batch = TxBatch::default();
+    net::pop_tx(&mut q, &guard.clone().into_inner(), HDR_LEN, &mut batch, 64).unwrap();
+    let mut scratch = ForwardScratch::default();
+    b.switch.forward(&b.ports[from], 0, &batch, &mut scratch);
+    net::release_tx(&mut q, &mut batch);
+}
+
+/// What port `port` received in its RX chain `j`: header and frame.
+fn received(b: &Bench, port: usize, j: u64, len: usize) -> ([u8; HDR_LEN], Vec<u8>) {
+    let guard = b.mem.memory();
+    let at = 0x20_0000 + 0x4_0000 * port as u64 + 0x800 * j;
+    let mut h = [0u8; HDR_LEN];
+    guard.read_slice(&mut h, GuestAddress(at)).unwrap();
+    let mut f = vec![0u8; len];
+    guard
+        .read_slice(&mut f, GuestAddress(at + HDR_LEN as u64))
+        .unwrap();
+    (h, f)
+}
+
+fn vnet(flags: u8, gso: u8, csum_start: u16, csum_offset: u16) -> [u8; HDR_LEN] {
+    let mut h = [0u8; HDR_LEN];
+    h[0] = flags;
+    h[1] = gso;
+    h[2..4].copy_from_slice(&54u16.to_le_bytes());
+    h[4..6].copy_from_slice(&1448u16.to_le_bytes());
+    h[6..8].copy_from_slice(&csum_start.to_le_bytes());
+    h[8..10].copy_from_slice(&csum_offset.to_le_bytes());
+    h
+}
+
+#[test]
+fn offload_headers_pass_between_ports_that_negotiated_them() {
+    use crate::offload::{self, GSO_TCPV4, HDR_F_NEEDS_CSUM};
+    // p0 and p1 negotiated every offload, p2 none.
+    let b = Bench::new(&[None, None, None]);
+    b.ports[0].set_features(FEATURES | offload::OFFLOAD_FEATURES);
+    b.ports[1].set_features(FEATURES | offload::OFFLOAD_FEATURES);
+    // A partial UDP checksum: csum_start 34, offset 6, the field holds the pseudo sum.
+    let pseudo: u16 = 0x1d2c;
+    let mut f = frame(BCAST, A, 120);
+    f[40..42].copy_from_slice(&pseudo.to_be_bytes());
+    send_with_header(&b, 0, &[f.clone()], &vnet(HDR_F_NEEDS_CSUM, 0, 34, 6));
+    // p1 gets the header and the frame as they were.
+    let (h, got) = received(&b, 1, 0, f.len());
+    assert_eq!((h[0], h[1], &h[6..10]), (1, 0, &[34, 0, 6, 0][..]));
+    assert_eq!(u16::from_le_bytes([h[10], h[11]]), 1);
+    assert_eq!(got, f);
+    // p2 gets a complete checksum and a plain header.
+    let (h, got) = received(&b, 2, 0, f.len());
+    assert_eq!(&h[..10], &[0u8; 10]);
+    assert_ne!(got[40..42], f[40..42]);
+    let mut sum = u32::from(pseudo);
+    for c in got[34..].chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    assert_eq!(sum, 0xffff, "checksum does not verify");
+    assert_eq!(&got[..40], &f[..40]);
+    assert_eq!(&got[42..], &f[42..]);
+
+    // A TSO frame: p1 takes it with its GSO header, p2 cannot and counts a drop.
+    let big = frame(BCAST, A, 1500);
+    send_with_header(&b, 0, &[big], &vnet(HDR_F_NEEDS_CSUM, GSO_TCPV4, 34, 16));
+    let (h, _) = received(&b, 1, 1, 10);
+    assert_eq!((h[0], h[1]), (HDR_F_NEEDS_CSUM, GSO_TCPV4));
+    assert_eq!(u16::from_le_bytes([h[4], h[5]]), 1448);
+    assert_eq!(b.counters(1).rx_packets, 2);
+    assert_eq!(b.counters(2).rx_packets, 1);
+    assert_eq!(b.counters(2).drop_rx_offload, 1);
+
+    // p2 did not negotiate CSUM/TSO: whatever header it sends is cleared.
+    send_with_header(&b, 2, &[frame(BCAST, C, 80)], &vnet(1, GSO_TCPV4, 34, 16));
+    let (h, _) = received(&b, 1, 2, 10);
+    assert_eq!(&h[..10], &[0u8; 10]);
+    assert_eq!(b.counters(1).rx_packets, 3);
+    assert_eq!(b.counters(1).drop_rx_offload, 0);
+}
+
+#[test]
+fn rate_limits_drop_and_count() {
+    let b = Bench::new(&[None, None]);
+    // 8 Mbit/s: the bucket holds one 64 KiB frame's worth (65562 bytes).
+    b.ports[0].limiter.set(8_000_000, 0);
+    let frames: Vec<Vec<u8>> = (0..64).map(|_| frame(B, A, 1000)).collect();
+    b.send(0, &frames);
+    b.send(0, &frames);
+    let c = b.counters(0);
+    assert_eq!(c.tx_packets + c.drop_rate_limit, 128, "{c:?}");
+    assert!((60..=63).contains(&c.drop_rate_limit), "{c:?}");
+    // Packets per second, and lifting the limit.
+    let b = Bench::new(&[None, None]);
+    b.ports[0].limiter.set(0, 1000);
+    b.send(0, &frames);
+    b.send(0, &frames);
+    let c = b.counters(0);
+    assert!((64..=66).contains(&c.tx_packets), "{c:?}");
+    b.ports[0].limiter.set(0, 0);
+    b.send(0, &frames);
+    assert_eq!(b.counters(0).drop_rate_limit, c.drop_rate_limit);
 }

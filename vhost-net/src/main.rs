@@ -25,7 +25,7 @@ fn main() -> ExitCode {
     if args.check {
         return ExitCode::SUCCESS;
     }
-    let switch = Arc::new(Switch::new(cfg.mac_ageing));
+    let switch = Arc::new(Switch::with_offloads(cfg.mac_ageing, cfg.offloads));
     let server = Server::new(switch.clone(), cfg.queue_size, cfg.poll);
     for port in &cfg.ports {
         if let Err(e) = server.add_port(port.clone()) {

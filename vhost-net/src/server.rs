@@ -116,10 +116,12 @@ impl Server {
         let cfg = PortConfig {
             name: name.to_string(),
             socket: format!("tap:{dev}").into(),
-            mac: None,
+            ..PortConfig::default()
         };
         cfg.validate().map_err(ServeError::Invalid)?;
-        let tap = Arc::new(Tap::open(dev).map_err(|e| ServeError::Invalid(e.to_string()))?);
+        let tap = Arc::new(
+            Tap::open(dev, self.switch.offloads).map_err(|e| ServeError::Invalid(e.to_string()))?,
+        );
         let port = self
             .switch
             .add_port_with(cfg, Some(tap.clone()))
@@ -187,7 +189,7 @@ fn serve_tap(switch: &Arc<Switch>, port: &Arc<Port>, tap: &Tap) {
             }
         }
         if !batch.frames.is_empty() {
-            switch.forward(port, &batch, &mut scratch);
+            switch.forward(port, 0, &batch, &mut scratch);
         }
     }
 }
@@ -233,14 +235,19 @@ fn serve_one(
             h.send_exit_event();
         }
     };
-    let attach = daemon
-        .get_epoll_handlers()
-        .first()
-        .map(|h| h.register_listener(backend.attach_fd(), EventSet::IN, u64::from(ATTACH_EVENT)));
-    if let Err(e) = attach
-        .unwrap_or_else(|| Err(std::io::Error::other("no worker")))
-        .and_then(|()| backend.request_attach())
-    {
+    let handlers = daemon.get_epoll_handlers();
+    let attach = if handlers.len() == backend.pairs() {
+        handlers
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, h)| match backend.attach_fd(i) {
+                Some(fd) => h.register_listener(fd, EventSet::IN, u64::from(ATTACH_EVENT)),
+                None => Err(std::io::Error::other("no attach event")),
+            })
+    } else {
+        Err(std::io::Error::other("worker count mismatch"))
+    };
+    if let Err(e) = attach.and_then(|()| backend.request_attach()) {
         exit(&daemon);
         return Err(ServeError::Daemon(format!("attach event: {e}")));
     }

@@ -2,7 +2,6 @@
 //! a batch of frames from one port's TX queue to the other ports' RX queues.
 
 use std::collections::HashMap;
-use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
@@ -13,7 +12,8 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::config::{Mac, PortConfig};
-use crate::net::{self, RxDrop, RxScratch, TxBatch, TxDrop};
+use crate::net::{self, Frame, RxDrop, RxScratch, RxWriter, TxBatch, TxDrop};
+use crate::offload::{self, RxPlan};
 use crate::tap::Tap;
 
 /// Guest memory as the vhost-user-backend crate shares it.
@@ -51,6 +51,8 @@ pub struct Counters {
     drop_rx_too_big: AtomicU64,
     drop_rx_bad_descriptor: AtomicU64,
     drop_rx_not_ready: AtomicU64,
+    drop_rate_limit: AtomicU64,
+    drop_rx_offload: AtomicU64,
 }
 
 /// A copy of a port's counters.
@@ -82,6 +84,11 @@ pub struct CounterSnapshot {
     pub drop_rx_bad_descriptor: u64,
     /// Unicast frames for this port while no frontend had its RX queue running.
     pub drop_rx_not_ready: u64,
+    /// TX frames over the port's bits/s or packets/s limit.
+    pub drop_rate_limit: u64,
+    /// Frames for this port with an offload it did not negotiate (GSO), or with
+    /// checksum offsets outside the frame.
+    pub drop_rx_offload: u64,
 }
 
 impl Counters {
@@ -123,6 +130,8 @@ impl Counters {
             drop_rx_too_big: g(&self.drop_rx_too_big),
             drop_rx_bad_descriptor: g(&self.drop_rx_bad_descriptor),
             drop_rx_not_ready: g(&self.drop_rx_not_ready),
+            drop_rate_limit: g(&self.drop_rate_limit),
+            drop_rx_offload: g(&self.drop_rx_offload),
         }
     }
 }
@@ -130,7 +139,7 @@ impl Counters {
 /// A port's RX queue, reachable from other ports' worker threads.
 #[derive(Clone)]
 pub struct RxTarget {
-    /// The RX vring (queue 0).
+    /// The RX vring of one queue pair.
     pub vring: Vring,
     /// The frontend's memory.
     pub mem: GuestMem,
@@ -147,9 +156,12 @@ pub struct Port {
     features: AtomicU64,
     connected: AtomicBool,
     removed: AtomicBool,
-    rx: RwLock<Option<RxTarget>>,
+    /// The RX queue of each queue pair, once its worker published it.
+    rx: RwLock<Vec<Option<RxTarget>>>,
     shutdown: Mutex<Option<vhost_user_backend::ShutdownHandle>>,
     tap: Option<Arc<Tap>>,
+    /// The port's rate limit.
+    pub limiter: crate::rate::Limiter,
 }
 
 /// What a port reports on the control socket.
@@ -163,6 +175,14 @@ pub struct PortStats {
     pub mac: Option<String>,
     /// Whether a frontend is connected.
     pub connected: bool,
+    /// Queue pairs.
+    pub queues: u16,
+    /// Rate limit in bits/s (0: none).
+    pub rate_bps: u64,
+    /// Rate limit in packets/s (0: none).
+    pub rate_pps: u64,
+    /// Features the frontend negotiated.
+    pub features: u64,
     /// Counters.
     #[serde(flatten)]
     pub counters: CounterSnapshot,
@@ -173,21 +193,25 @@ impl Port {
     pub fn new(id: u64, cfg: PortConfig) -> Port {
         Port {
             id,
-            cfg,
             counters: Counters::default(),
             features: AtomicU64::new(0),
             connected: AtomicBool::new(false),
             removed: AtomicBool::new(false),
-            rx: RwLock::new(None),
+            rx: RwLock::new(Vec::new()),
             shutdown: Mutex::new(None),
             tap: None,
+            limiter: crate::rate::Limiter::new(cfg.rate_bps, cfg.rate_pps),
+            cfg,
         }
     }
 
-    /// A TAP uplink port.
-    pub fn new_tap(id: u64, cfg: PortConfig, tap: Arc<Tap>) -> Port {
+    /// A TAP uplink port; with `offloads` it sends and takes every offload.
+    pub fn new_tap(id: u64, cfg: PortConfig, tap: Arc<Tap>, offloads: bool) -> Port {
         let mut p = Port::new(id, cfg);
         p.tap = Some(tap);
+        if offloads {
+            p.set_features(offload::OFFLOAD_FEATURES);
+        }
         p.connected.store(true, Ordering::Relaxed);
         p
     }
@@ -212,15 +236,22 @@ impl Port {
         self.features.store(f, Ordering::Relaxed);
     }
 
-    /// Makes the RX vring reachable for other ports.
-    pub fn attach(&self, target: RxTarget) {
-        *write(&self.rx) = Some(target);
+    /// Makes the RX vring of queue pair `pair` reachable for other ports.
+    pub fn attach(&self, pair: usize, target: RxTarget) {
+        let mut rx = write(&self.rx);
+        if rx.len() <= pair {
+            rx.resize(pair + 1, None);
+        }
+        rx[pair] = Some(target);
     }
 
-    /// Forgets the RX vring (the frontend went away). Waits for deliveries in progress.
+    /// Forgets the RX vrings (the frontend went away). Waits for deliveries in
+    /// progress.
     pub fn detach(&self) {
-        *write(&self.rx) = None;
-        self.features.store(0, Ordering::Relaxed);
+        write(&self.rx).clear();
+        if self.tap.is_none() {
+            self.features.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Marks the frontend (dis)connected and keeps the handle that disconnects it.
@@ -254,22 +285,55 @@ impl Port {
             socket: self.cfg.socket.display().to_string(),
             mac: self.cfg.mac.map(|m| m.to_string()),
             connected: self.is_connected(),
+            queues: self.cfg.queues,
+            rate_bps: self.limiter.get().0,
+            rate_pps: self.limiter.get().1,
+            features: self.features(),
             counters: self.counters.snapshot(),
         }
     }
 
-    /// Writes `frames` (ranges in `batch`; the flag says unicast) into this port's RX
-    /// queue, then notifies the frontend once if it wants to be.
-    pub fn deliver(&self, batch: &TxBatch, frames: &[(Range<usize>, bool)], rx: &mut RxScratch) {
+    /// Writes `frames` (indexes into `batch.frames`; the flag says unicast) into one
+    /// of this port's RX queues (chosen by `pref`, the sender's queue pair), then
+    /// notifies the frontend once if it wants to be. `src_features` are the sender's
+    /// negotiated features (for its virtio-net headers).
+    pub fn deliver(
+        &self,
+        batch: &TxBatch,
+        frames: &[(usize, bool)],
+        src_features: u64,
+        pref: usize,
+        rx: &mut RxScratch,
+    ) {
         let c = &self.counters;
+        let frame = |i: usize| batch.frames.get(i).and_then(|f| f.frame.as_ref().ok());
+        let features = self.features();
         if let Some(tap) = &self.tap {
-            let (mut ok, mut bytes, mut full, mut failed) = (0u64, 0u64, 0u64, 0u64);
-            for (r, _) in frames {
-                let f = batch.bytes(r);
-                match tap.send(f) {
+            let (mut ok, mut bytes, mut full, mut failed, mut offl) =
+                (0u64, 0u64, 0u64, 0u64, 0u64);
+            for &(i, _) in frames {
+                let Some(f) = frame(i) else { continue };
+                let h = offload::sanitize_tx(&f.vnet, src_features);
+                let r = match offload::plan_rx(&h, features) {
+                    RxPlan::Drop => {
+                        offl += 1;
+                        continue;
+                    }
+                    RxPlan::Pass(h) => tap.send(&h, batch, f, &mut rx.copy),
+                    RxPlan::CompleteCsum(h) => {
+                        rx.copy.clear();
+                        batch.gather(f, &mut rx.copy);
+                        if !offload::complete_checksum(&mut rx.copy, &f.vnet) {
+                            offl += 1;
+                            continue;
+                        }
+                        tap.send_bytes(&h, &rx.copy)
+                    }
+                };
+                match r {
                     Ok(()) => {
                         ok += 1;
-                        bytes += f.len() as u64;
+                        bytes += u64::from(f.len);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => full += 1,
                     // EIO while the interface is down, and the like.
@@ -280,40 +344,67 @@ impl Port {
             Counters::add(&c.rx_bytes, bytes);
             Counters::add(&c.drop_rx_no_buffer, full);
             Counters::add(&c.drop_rx_not_ready, failed);
+            Counters::add(&c.drop_rx_offload, offl);
             return;
         }
         let unicast = || frames.iter().filter(|(_, u)| *u).count() as u64;
         let guard = read(&self.rx);
-        let Some(t) = guard.as_ref() else {
+        let n = guard.len();
+        // The sender's queue pair picks the receiver's; skip pairs not running.
+        let mut chosen = None;
+        for k in 0..n {
+            let Some(t) = guard[(pref + k) % n].as_ref() else {
+                continue;
+            };
+            let state = t.vring.get_mut();
+            if state.get_queue().ready() && state.is_enabled() {
+                chosen = Some((t, state));
+                break;
+            }
+        }
+        let Some((t, mut state)) = chosen else {
             Counters::add(&c.drop_rx_not_ready, unicast());
             return;
         };
         let mem = t.mem.memory();
-        let mut state = t.vring.get_mut();
-        if !state.get_queue().ready() || !state.is_enabled() {
-            Counters::add(&c.drop_rx_not_ready, unicast());
-            return;
-        }
-        let features = self.features();
         let (hdr_len, mrg) = (net::header_len(features), net::mrg_rxbuf(features));
         let q = state.get_queue_mut();
-        let (mut ok, mut bytes, mut no_buf, mut too_big, mut bad) = (0u64, 0u64, 0u64, 0u64, 0u64);
-        for (i, (r, _)) in frames.iter().enumerate() {
-            let f = batch.bytes(r);
-            match net::write_rx(q, &mem, hdr_len, mrg, f, rx) {
+        let Some(mut w) = RxWriter::new(q, &mem) else {
+            Counters::add(&c.drop_rx_bad_descriptor, frames.len() as u64);
+            return;
+        };
+        let (mut ok, mut bytes, mut no_buf, mut too_big, mut bad, mut offl) =
+            (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+        let plain = net::plain_header(hdr_len);
+        let plain = &plain[..hdr_len];
+        for (k, &(i, _)) in frames.iter().enumerate() {
+            let Some(f) = frame(i) else { continue };
+            let r = if src_features & offload::OFFLOAD_FEATURES == 0 {
+                w.write(plain, batch, f, mrg, rx)
+            } else {
+                match self.offload_write(&mut w, batch, f, src_features, features, hdr_len, mrg, rx)
+                {
+                    Some(r) => r,
+                    None => {
+                        offl += 1;
+                        continue;
+                    }
+                }
+            };
+            match r {
                 Ok(()) => {
                     ok += 1;
-                    bytes += f.len() as u64;
+                    bytes += u64::from(f.len);
                 }
                 Err(RxDrop::NoBuffer) => {
-                    no_buf += (frames.len() - i) as u64;
+                    no_buf += (frames.len() - k) as u64;
                     break;
                 }
                 Err(RxDrop::TooBig) => too_big += 1,
                 Err(RxDrop::BadDescriptor) => bad += 1,
             }
         }
-        if (ok > 0 || bad > 0) && net::wants_interrupt(q, &mem) {
+        if w.finish() {
             if let Err(e) = state.signal_used_queue() {
                 log::debug!("{}: cannot signal RX: {e}", self.name());
             }
@@ -324,6 +415,40 @@ impl Port {
         Counters::add(&c.drop_rx_no_buffer, no_buf);
         Counters::add(&c.drop_rx_too_big, too_big);
         Counters::add(&c.drop_rx_bad_descriptor, bad);
+        Counters::add(&c.drop_rx_offload, offl);
+    }
+
+    /// Writes a frame whose sender negotiated offloads; `None` when this receiver
+    /// cannot take it.
+    #[allow(clippy::too_many_arguments)]
+    fn offload_write(
+        &self,
+        w: &mut RxWriter<'_, '_>,
+        batch: &TxBatch,
+        f: &Frame,
+        src_features: u64,
+        features: u64,
+        hdr_len: usize,
+        mrg: bool,
+        rx: &mut RxScratch,
+    ) -> Option<Result<(), RxDrop>> {
+        let h = offload::sanitize_tx(&f.vnet, src_features);
+        match offload::plan_rx(&h, features) {
+            RxPlan::Drop => None,
+            RxPlan::Pass(out) => Some(w.write(&out[..hdr_len], batch, f, mrg, rx)),
+            RxPlan::CompleteCsum(out) => {
+                let mut copy = std::mem::take(&mut rx.copy);
+                copy.clear();
+                batch.gather(f, &mut copy);
+                let r = if offload::complete_checksum(&mut copy, &h) {
+                    Some(w.write_pieces(&out[..hdr_len], &[(copy.as_ptr(), copy.len())], mrg, rx))
+                } else {
+                    None
+                };
+                rx.copy = copy;
+                r
+            }
+        }
     }
 }
 
@@ -461,7 +586,7 @@ enum Dest {
 #[derive(Debug, Default)]
 pub struct ForwardScratch {
     dest: Vec<Dest>,
-    out: Vec<(Range<usize>, bool)>,
+    out: Vec<(usize, bool)>,
     /// RX writing scratch.
     pub rx: RxScratch,
 }
@@ -473,6 +598,8 @@ pub struct Switch {
     pub macs: MacTable,
     next_id: AtomicU64,
     epoch: Instant,
+    /// Whether checksum/segmentation offloads are offered (see [`crate::offload`]).
+    pub offloads: bool,
 }
 
 impl Switch {
@@ -483,6 +610,7 @@ impl Switch {
             macs: MacTable::new(mac_ageing),
             next_id: AtomicU64::new(1),
             epoch: Instant::now(),
+            offloads: false,
         }
     }
 
@@ -520,7 +648,7 @@ impl Switch {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let port = Arc::new(match tap {
-            Some(tap) => Port::new_tap(id, cfg, tap),
+            Some(tap) => Port::new_tap(id, cfg, tap, self.offloads),
             None => Port::new(id, cfg),
         });
         let mut next: Vec<Arc<Port>> = ports.as_ref().clone();
@@ -540,13 +668,22 @@ impl Switch {
         Some(port)
     }
 
-    /// Switches a batch of frames that `src`'s frontend sent: anti-spoofing, learning,
-    /// then delivery to the learned port or flooding to all others.
-    pub fn forward(&self, src: &Port, batch: &TxBatch, s: &mut ForwardScratch) {
+    /// An empty switch that offers offloads when `offloads` is set.
+    pub fn with_offloads(mac_ageing: Duration, offloads: bool) -> Switch {
+        let mut s = Switch::new(mac_ageing);
+        s.offloads = offloads;
+        s
+    }
+
+    /// Switches a batch of frames that `src`'s frontend sent on its queue pair
+    /// `queue`: rate limit, anti-spoofing, learning, then delivery to the learned port
+    /// or flooding to all others.
+    pub fn forward(&self, src: &Port, queue: usize, batch: &TxBatch, s: &mut ForwardScratch) {
         let now = self.now_ms();
+        let mut budget = src.limiter.begin();
         let c = &src.counters;
         s.dest.clear();
-        let (mut pkts, mut bytes, mut spoofed) = (0u64, 0u64, 0u64);
+        let (mut pkts, mut bytes, mut spoofed, mut limited) = (0u64, 0u64, 0u64, 0u64);
         let mut any = false;
         // Frames of a batch mostly share source and destination: learn and look up
         // once per run of equal addresses.
@@ -561,19 +698,21 @@ impl Switch {
                     continue;
                 }
             };
-            let b = batch.bytes(r);
-            let (Some(dst), Some(smac)) = (mac_at(b, 0), mac_at(b, 6)) else {
-                c.tx_drop(TxDrop::Short);
-                s.dest.push(Dest::Drop);
-                continue;
-            };
+            let (dst, smac) = (mac_at(&r.eth, 0), mac_at(&r.eth, 6));
             if src.cfg.mac.is_some_and(|m| m != smac) {
                 spoofed += 1;
                 s.dest.push(Dest::Drop);
                 continue;
             }
+            if let Some(b) = budget.as_mut() {
+                if !b.take(u64::from(r.len)) {
+                    limited += 1;
+                    s.dest.push(Dest::Drop);
+                    continue;
+                }
+            }
             pkts += 1;
-            bytes += b.len() as u64;
+            bytes += u64::from(r.len);
             if !smac.is_multicast() && last_src != Some(smac) {
                 self.macs.learn(smac, src.id, now);
                 last_src = Some(smac);
@@ -603,32 +742,33 @@ impl Switch {
         Counters::add(&c.tx_packets, pkts);
         Counters::add(&c.tx_bytes, bytes);
         Counters::add(&c.drop_spoofed, spoofed);
+        Counters::add(&c.drop_rate_limit, limited);
+        if let Some(b) = budget {
+            src.limiter.end(b);
+        }
         if !any {
             return;
         }
         let ports = self.ports();
         for port in ports.iter().filter(|p| p.id != src.id) {
             s.out.clear();
-            for (f, d) in batch.frames.iter().zip(&s.dest) {
+            for (i, d) in s.dest.iter().enumerate() {
                 let unicast = match d {
                     Dest::Flood => false,
                     Dest::One(id) if *id == port.id => true,
                     _ => continue,
                 };
-                if let Ok(r) = &f.frame {
-                    s.out.push((r.clone(), unicast));
-                }
+                s.out.push((i, unicast));
             }
             if !s.out.is_empty() {
-                port.deliver(batch, &s.out, &mut s.rx);
+                port.deliver(batch, &s.out, src.features(), queue, &mut s.rx);
             }
         }
     }
 }
 
-fn mac_at(b: &[u8], at: usize) -> Option<Mac> {
-    let s = b.get(at..at + 6)?;
+fn mac_at(b: &[u8; net::MIN_FRAME_LEN], at: usize) -> Mac {
     let mut m = [0u8; 6];
-    m.copy_from_slice(s);
-    Some(Mac(m))
+    m.copy_from_slice(&b[at..at + 6]);
+    Mac(m)
 }
