@@ -6,7 +6,7 @@ pub mod config;
 pub mod disk;
 pub mod engine;
 pub mod inflight;
-pub mod notify;
+pub use keel_sd_notify as notify;
 pub mod relay;
 pub mod request;
 pub mod server;

@@ -14,7 +14,7 @@ pub mod interrupts;
 pub mod kvm;
 pub mod layout;
 pub mod memory;
-pub mod notify;
+pub use keel_sd_notify as notify;
 pub mod pci_devices;
 pub mod signals;
 pub mod systemd_dropin;

@@ -9,7 +9,9 @@
 //! When `WatchdogSec=` is set, systemd also passes `WATCHDOG_USEC` (and
 //! `WATCHDOG_PID`): [`Watchdog`] is a timerfd for the event loop that fires at half
 //! that interval, and each firing sends `WATCHDOG=1`. The pings come from the event
-//! loop itself, so a loop that stops turning stops pinging.
+//! loop itself, so a loop that stops turning stops pinging. Processes without an
+//! event loop use [`spawn_watchdog`], a thread that pings while a liveness check
+//! passes.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -173,6 +175,28 @@ pub fn watchdog_interval() -> Option<Duration> {
     let usec = std::env::var(WATCHDOG_USEC).ok();
     let pid = std::env::var(WATCHDOG_PID).ok();
     watchdog_interval_from(usec.as_deref(), pid.as_deref(), std::process::id())
+}
+
+/// Starts a thread that sends `WATCHDOG=1` at half the watchdog interval while
+/// `alive` returns true, when systemd asked for pings. Returns the ping period.
+pub fn spawn_watchdog(alive: impl Fn() -> bool + Send + 'static) -> Option<Duration> {
+    let period = watchdog_interval()? / 2;
+    let period = period.max(Duration::from_millis(1));
+    let spawned = std::thread::Builder::new()
+        .name("sd-watchdog".into())
+        .spawn(move || loop {
+            std::thread::sleep(period);
+            if alive() {
+                notify("WATCHDOG=1");
+            }
+        });
+    match spawned {
+        Ok(_) => Some(period),
+        Err(e) => {
+            warn!("cannot start the watchdog thread: {e}");
+            None
+        }
+    }
 }
 
 /// A periodic timer for the event loop that sends `WATCHDOG=1` each time it fires.
