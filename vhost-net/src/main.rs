@@ -12,6 +12,39 @@ use keel_vhost_net::switch::Switch;
 use keel_vhost_net::{control, notify};
 use log::{error, info};
 
+/// SIGTERM and SIGINT, blocked and taken with `sigtimedwait`.
+struct StopSignals(libc::sigset_t);
+
+impl StopSignals {
+    fn block() -> std::io::Result<Self> {
+        // SAFETY: sigset_t is plain data; sigemptyset initialises it below.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t owned by this frame.
+        unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::sigaddset(&mut set, libc::SIGINT);
+        }
+        // SAFETY: `set` is initialised; the old mask is not wanted.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        Ok(Self(set))
+    }
+
+    /// Waits up to `timeout` for a stop signal; returns its number.
+    fn wait(&self, timeout: Duration) -> Option<i32> {
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+        };
+        // SAFETY: the set and timespec are valid for the call; no siginfo wanted.
+        let sig = unsafe { libc::sigtimedwait(&self.0, std::ptr::null_mut(), &ts) };
+        (sig > 0).then_some(sig)
+    }
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
@@ -25,6 +58,15 @@ fn main() -> ExitCode {
     if args.check {
         return ExitCode::SUCCESS;
     }
+    // Stop signals are taken synchronously by the main loop below; block them
+    // before any thread exists so every thread inherits the mask.
+    let stop_signals = match StopSignals::block() {
+        Ok(s) => s,
+        Err(e) => {
+            error!("cannot block stop signals: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let switch = Arc::new(Switch::with_offloads(cfg.mac_ageing, cfg.offloads));
     let server = Server::new(switch.clone(), cfg.queue_size, cfg.poll);
     for port in &cfg.ports {
@@ -50,9 +92,16 @@ fn main() -> ExitCode {
         "READY=1\nSTATUS=serving {} ports",
         cfg.ports.len()
     ));
+    if let Some(every) = notify::spawn_watchdog(|| true) {
+        info!("systemd watchdog: pinging every {every:?}");
+    }
     let mut last_stats = Instant::now();
     loop {
-        std::thread::sleep(Duration::from_secs(1));
+        if let Some(sig) = stop_signals.wait(Duration::from_secs(1)) {
+            info!("signal {sig}: stopping");
+            notify::notify("STOPPING=1\nSTATUS=stopping");
+            return ExitCode::SUCCESS;
+        }
         switch.macs.expire(switch.now_ms());
         if !cfg.stats_interval.is_zero() && last_stats.elapsed() >= cfg.stats_interval {
             last_stats = Instant::now();
