@@ -390,6 +390,7 @@ impl EventLoop {
                 if self.vcpus.pause(PAUSE_TIMEOUT) {
                     self.paused = true;
                     info!("VM paused");
+                    crate::notify::status("paused");
                     Reply::ok(json!({"state": "paused"}))
                 } else {
                     self.vcpus.resume();
@@ -406,6 +407,7 @@ impl EventLoop {
                 self.vcpus.resume();
                 self.paused = false;
                 info!("VM resumed");
+                crate::notify::status("running");
                 Reply::ok(json!({"state": "running"}))
             }
             Request::Shutdown => {
