@@ -6,89 +6,21 @@
 
 mod common;
 
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-/// One TCG guest at a time: each one keeps a host core busy.
-static QEMU: Mutex<()> = Mutex::new(());
-
-const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+use common::{assert_has, build_image, writable_disk};
 
 /// Boots `image` with `disk` as virtio-blk and a QEMU user-net virtio-net NIC; returns
 /// the serial console output once the VM powers off.
 fn boot(image: &Path, disk: &Path, extra_cmdline: &str) -> String {
-    let _one = QEMU.lock().unwrap_or_else(|e| e.into_inner());
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg",
-            "-m",
-            "512",
-            "-smp",
-            "1",
-            "-nographic",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(image.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(image.join("initramfs.cpio.gz"))
-        .arg("-append")
-        .arg(format!("console=ttyS0 panic=-1 quiet {extra_cmdline}"))
-        .arg("-drive")
-        .arg(format!("file={},if=virtio,format=raw", disk.display()))
-        .args([
-            "-netdev",
-            "user,id=n0",
-            "-device",
-            "virtio-net-pci,netdev=n0,romfile=",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("qemu-system-x86_64 (package qemu-system-x86) is needed for this test");
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stdout.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if start.elapsed() > BOOT_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("guest did not power off within {BOOT_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let out = reader.join().unwrap();
-    eprintln!("--- guest console ({:?}) ---\n{out}", start.elapsed());
-    assert!(status.success(), "qemu exited with {status}");
-    out
-}
-
-fn build_image(spec: &str, dir: &Path) -> std::path::PathBuf {
-    let out = dir.join("image");
-    common::build_ok(&common::data(spec), &out);
-    out
-}
-
-fn writable_disk(image: &Path, dir: &Path) -> std::path::PathBuf {
-    let disk = dir.join("disk.img");
-    std::fs::copy(image.join("rootfs.img"), &disk).unwrap();
-    disk
-}
-
-fn assert_has(out: &str, needle: &str) {
-    assert!(out.contains(needle), "console lacks {needle:?}");
+    let net = [
+        "-netdev",
+        "user,id=n0",
+        "-device",
+        "virtio-net-pci,netdev=n0,romfile=",
+    ];
+    common::boot_qemu(image, disk, extra_cmdline, &net.map(String::from))
 }
 
 #[test]

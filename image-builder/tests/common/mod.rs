@@ -1,11 +1,14 @@
 //! Shared helpers for keel-image integration tests: build keel-init once (static),
-//! run the keel-image binary, and find the shared download cache.
+//! run the keel-image binary, find the shared download cache, and boot an image
+//! under QEMU TCG.
 
 #![allow(dead_code)]
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
@@ -99,4 +102,84 @@ pub fn build_ok(spec: &Path, out: &Path) {
         spec.display(),
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// One TCG guest at a time: each one keeps a host core busy.
+static QEMU: Mutex<()> = Mutex::new(());
+
+/// How long a guest may take from QEMU's start to power-off.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Boots `image` under QEMU TCG (512 MiB, 1 vCPU) with `disk` as virtio-blk and
+/// `net_args` (QEMU arguments describing the NIC and anything it needs); returns the
+/// serial console output once the VM powers off. Panics if QEMU fails or the guest
+/// does not power off within [`BOOT_TIMEOUT`] (QEMU is killed then).
+pub fn boot_qemu(image: &Path, disk: &Path, extra_cmdline: &str, net_args: &[String]) -> String {
+    let _one = QEMU.lock().unwrap_or_else(|e| e.into_inner());
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "512",
+            "-smp",
+            "1",
+            "-nographic",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(image.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(image.join("initramfs.cpio.gz"))
+        .arg("-append")
+        .arg(format!("console=ttyS0 panic=-1 quiet {extra_cmdline}"))
+        .arg("-drive")
+        .arg(format!("file={},if=virtio,format=raw", disk.display()))
+        .args(net_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("qemu-system-x86_64 (package qemu-system-x86) is needed for this test");
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stdout.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > BOOT_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("guest did not power off within {BOOT_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = reader.join().unwrap();
+    eprintln!("--- guest console ({:?}) ---\n{out}", start.elapsed());
+    assert!(status.success(), "qemu exited with {status}");
+    out
+}
+
+/// Builds the image of fixture spec `spec` into `dir/image`.
+pub fn build_image(spec: &str, dir: &Path) -> PathBuf {
+    let out = dir.join("image");
+    build_ok(&data(spec), &out);
+    out
+}
+
+/// A writable copy of the image's root disk in `dir`.
+pub fn writable_disk(image: &Path, dir: &Path) -> PathBuf {
+    let disk = dir.join("disk.img");
+    std::fs::copy(image.join("rootfs.img"), &disk).unwrap();
+    disk
+}
+
+/// Asserts that the console output contains `needle`.
+pub fn assert_has(out: &str, needle: &str) {
+    assert!(out.contains(needle), "console lacks {needle:?}");
 }

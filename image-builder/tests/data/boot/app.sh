@@ -1,7 +1,8 @@
 #!/bin/sh
 # Guest-side checks for image-builder/tests/boot.rs (runs under busybox sh).
 # $1 = rw: write and read back a file on the root disk; ro: writing must fail.
-# CHECK_NET=1: ping the gateway (QEMU user networking answers at 10.0.2.2).
+# CHECK_NET=1: ping PING_ADDR (default 10.0.2.2, where QEMU user networking answers;
+# boot_vhost_net.rs sets it to the TAP address in its namespace).
 mode=$1
 echo "app: args=$* greeting=$GREETING"
 [ "$(cat /rootfs/data/hello.txt)" = "hello from the rootfs" ] || { echo "app: rootfs read failed"; exit 3; }
@@ -13,8 +14,9 @@ elif echo x 2>/dev/null > /rootfs/data/new.txt; then
 fi
 echo "app: disk ok"
 if [ -n "$CHECK_NET" ]; then
-    ping -c 1 -W 5 10.0.2.2 > /dev/null || { echo "app: ping failed"; exit 6; }
-    echo "app: net ok"
+    addr=${PING_ADDR:-10.0.2.2}
+    ping -c 1 -W 5 "$addr" > /dev/null || { echo "app: ping $addr failed"; exit 6; }
+    echo "app: net ok ($addr)"
 fi
 echo "app: all checks passed"
 exit 7

@@ -1,0 +1,372 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Boots keel-image output under QEMU TCG with its NIC on keel-vhost-net (issue 7's
+//! "ping through keel-vhost-net"): the test creates a network namespace, runs the
+//! switch inside it with one vhost-user port for QEMU and a TAP uplink `tap0`
+//! addressed 10.0.3.1/24 there; the guest gets 10.0.3.2/24 from the kernel command
+//! line and its app pings 10.0.3.1 and checks the disk. QEMU itself runs outside the
+//! namespace: it only needs the vhost-user socket, a file. QEMU 7.2 under TCG
+//! crashes with vhost-user-net and MSI-X, so the NIC uses INTx (`vectors=0`), and
+//! guest RAM is a shared memfd (MACHINE.md).
+//!
+//! QEMU 7.2's virtio-net sends `SET_VRING_ENABLE` when the guest driver acks its
+//! features, before the vhost-user `SET_FEATURES` that acks
+//! `VHOST_USER_F_PROTOCOL_FEATURES`; the rust-vmm `vhost` crate (0.18, the newest)
+//! that keel-vhost-net is built on rejects that and drops the connection ("inactive
+//! feature: 1073741824"), and QEMU 7.2 will not run vhost-user-net without protocol
+//! features. So QEMU talks to keel-vhost-net through [`OrderShim`], a vhost-user
+//! message relay that holds back those early `SET_VRING_ENABLE`s and passes them on
+//! right after `SET_FEATURES`. Everything else is relayed unchanged, and every
+//! data-plane frame goes between QEMU's guest memory and keel-vhost-net directly.
+//!
+//! Needs root (network namespaces, TAP) and qemu-system-x86_64; skips without root.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{assert_has, build_image, writable_disk};
+use serde_json::Value;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+const GUEST_MAC: &str = "52:54:00:12:34:56";
+
+/// A network namespace `keel-img-PID`, deleted when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn create() -> Option<Netns> {
+        // SAFETY: geteuid(2) has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipping: network namespaces and TAP devices need root");
+            return None;
+        }
+        let name = format!("keel-img-{}", std::process::id());
+        let st = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("ip (package iproute2) is needed for this test");
+        assert!(st.success(), "ip netns add {name}: {st}");
+        Some(Netns(name))
+    }
+
+    fn ip(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .arg("-n")
+            .arg(&self.0)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip -n {} {args:?}: {out:?}", self.0);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The kernel's `dir` ("rx" or "tx") packet count of `dev`.
+    fn packets(&self, dev: &str, dir: &str) -> u64 {
+        let v: Value = serde_json::from_str(&self.ip(&["-s", "-j", "link", "show", dev])).unwrap();
+        v[0]["stats64"][dir]["packets"].as_u64().unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// vhost-user request codes the shim looks at.
+const SET_FEATURES: u32 = 2;
+const SET_VRING_ENABLE: u32 = 18;
+/// Header flag: the frontend wants a reply.
+const NEED_REPLY: u32 = 1 << 3;
+
+/// A one-connection vhost-user relay (QEMU on `front`, keel-vhost-net on `back`)
+/// that holds back `SET_VRING_ENABLE` requests sent before the first `SET_FEATURES`
+/// and sends them, in order, right after it (see the module comment). Reports how
+/// many it held back.
+struct OrderShim {
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl OrderShim {
+    fn start(front: &Path, back: PathBuf) -> OrderShim {
+        let listener = UnixListener::bind(front).unwrap();
+        let thread = std::thread::spawn(move || {
+            let (qemu, _) = listener.accept().unwrap();
+            let backend = UnixStream::connect(&back).unwrap();
+            // Replies (backend to QEMU) carry no file descriptors here: plain copy.
+            let (mut from_be, mut to_qemu) =
+                (backend.try_clone().unwrap(), qemu.try_clone().unwrap());
+            let replies = std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from_be, &mut to_qemu);
+                let _ = to_qemu.shutdown(std::net::Shutdown::Both);
+            });
+            let held = relay_requests(&qemu, &backend);
+            let _ = backend.shutdown(std::net::Shutdown::Both);
+            let _ = replies.join();
+            held
+        });
+        OrderShim {
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits for the connection to end; returns the number of requests held back.
+    fn finish(mut self) -> usize {
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// Relays requests with their file descriptors until QEMU disconnects.
+fn relay_requests(qemu: &UnixStream, backend: &UnixStream) -> usize {
+    let mut features_sent = false;
+    let mut held: Vec<Vec<u8>> = Vec::new();
+    let mut count = 0;
+    loop {
+        let mut hdr = [0u8; 12];
+        let mut raw_fds: [RawFd; 32] = [-1; 32];
+        let mut iov = [libc::iovec {
+            iov_base: hdr.as_mut_ptr().cast(),
+            iov_len: hdr.len(),
+        }];
+        // SAFETY: the iovec points into `hdr`, which outlives the call.
+        let Ok((n, nfds)) = (unsafe { qemu.recv_with_fds(&mut iov, &mut raw_fds) }) else {
+            return count;
+        };
+        let fds: Vec<OwnedFd> = raw_fds[..nfds]
+            .iter()
+            // SAFETY: the first `nfds` entries are descriptors just received: ours.
+            .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .collect();
+        if n == 0 {
+            return count;
+        }
+        (&*qemu).read_exact(&mut hdr[n..]).unwrap();
+        let word = |i: usize| u32::from_le_bytes(hdr[i..i + 4].try_into().unwrap());
+        let (req, flags, size) = (word(0), word(4), word(8));
+        let mut msg = hdr.to_vec();
+        msg.resize(12 + size as usize, 0);
+        (&*qemu).read_exact(&mut msg[12..]).unwrap();
+        if req == SET_VRING_ENABLE && !features_sent && flags & NEED_REPLY == 0 {
+            held.push(msg);
+            continue;
+        }
+        let raw: Vec<RawFd> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+        if backend.send_with_fds(&[&msg[..]], &raw).is_err() {
+            return count;
+        }
+        if req == SET_FEATURES && !features_sent {
+            features_sent = true;
+            count = held.len();
+            for m in held.drain(..) {
+                if backend.send_with_fds(&[&m[..]], &[]).is_err() {
+                    return count;
+                }
+            }
+        }
+    }
+}
+
+/// Builds keel-vhost-net with the profile and into the target dir of this test's
+/// own binaries (`KEEL_VHOST_NET` names a prebuilt one instead).
+fn vhost_net_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("KEEL_VHOST_NET") {
+        return p.into();
+    }
+    let profile_dir = Path::new(env!("CARGO_BIN_EXE_keel-image"))
+        .parent()
+        .unwrap();
+    let target_dir = profile_dir.parent().unwrap();
+    let profile = match profile_dir.file_name().unwrap().to_str().unwrap() {
+        "debug" => "dev",
+        other => other,
+    };
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .current_dir(common::workspace_root())
+        .args(["build", "--quiet", "-p", "keel-vhost-net", "--bin"])
+        .arg("keel-vhost-net")
+        .arg("--profile")
+        .arg(profile)
+        .arg("--target-dir")
+        .arg(target_dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "building keel-vhost-net failed: {st}");
+    profile_dir.join("keel-vhost-net")
+}
+
+/// keel-vhost-net running in a namespace; killed (by PID) when dropped.
+struct Switch {
+    child: Child,
+    control: PathBuf,
+    log: PathBuf,
+}
+
+impl Switch {
+    /// Starts the switch in `ns` with `args` and waits for its READY=1.
+    fn start(ns: &Netns, dir: &Path, args: &[String]) -> Switch {
+        let control = dir.join("control.sock");
+        let notify_path = dir.join("notify.sock");
+        let notify = UnixDatagram::bind(&notify_path).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let log = dir.join("keel-vhost-net.log");
+        // `ip netns exec` execs the switch: the child's PID is the switch's.
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .arg(vhost_net_bin())
+            .args(args)
+            .arg("--control")
+            .arg(&control)
+            .env("RUST_LOG", "info")
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let switch = Switch {
+            child,
+            control,
+            log,
+        };
+        let mut buf = [0u8; 256];
+        let n = notify.recv(&mut buf).unwrap_or_else(|e| {
+            panic!(
+                "no READY=1 from keel-vhost-net ({e}); log:\n{}",
+                switch.log_text()
+            )
+        });
+        assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+        switch
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The control socket's counters of port `name`.
+    fn port(&self, name: &str) -> Value {
+        let mut s = UnixStream::connect(&self.control).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"{\"cmd\":\"stats\"}\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        let stats: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(stats["ok"], true, "{stats}");
+        stats["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no port {name} in {stats}"))
+    }
+}
+
+impl Drop for Switch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn app_pings_the_namespace_through_keel_vhost_net_and_checks_the_disk() {
+    // Dropped in reverse order: the switch dies before its namespace is deleted,
+    // and the temp dir (sockets, image, disk) goes last.
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(ns) = Netns::create() else {
+        return;
+    };
+    let sock = tmp.path().join("vm0.sock");
+    let qemu_sock = tmp.path().join("qemu.sock");
+    let switch = Switch::start(
+        &ns,
+        tmp.path(),
+        &[
+            "--port".into(),
+            format!("name=vm0,socket={},mac={GUEST_MAC}", sock.display()),
+            "--tap".into(),
+            "name=up0,dev=tap0".into(),
+        ],
+    );
+    ns.ip(&["addr", "add", "10.0.3.1/24", "dev", "tap0"]);
+    ns.ip(&["link", "set", "tap0", "up"]);
+    ns.ip(&["link", "set", "lo", "up"]);
+
+    let image = build_image("boot/ext4.toml", tmp.path());
+    let disk = writable_disk(&image, tmp.path());
+    let shim = OrderShim::start(&qemu_sock, sock.clone());
+    let net = [
+        "-object",
+        "memory-backend-memfd,id=mem,size=512M,share=on",
+        "-numa",
+        "node,memdev=mem",
+        "-chardev",
+        &format!("socket,id=c0,path={}", qemu_sock.display()),
+        "-netdev",
+        "vhost-user,id=n0,chardev=c0",
+        "-device",
+        &format!("virtio-net-pci,netdev=n0,romfile=,vectors=0,mac={GUEST_MAC}"),
+    ]
+    .map(String::from);
+    let out = common::boot_qemu(
+        &image,
+        &disk,
+        "keel.ip=10.0.3.2/24 keel.gw=10.0.3.1 keel.env=PING_ADDR=10.0.3.1",
+        &net,
+    );
+    let held = shim.finish();
+    // Counters and log first: they explain a failed ping.
+    let vm0 = switch.port("vm0");
+    let up0 = switch.port("up0");
+    let log = switch.log_text();
+    let tap0 = ns.ip(&["-s", "link", "show", "tap0"]);
+    eprintln!("early SET_VRING_ENABLE held back: {held}\nvm0 {vm0}\nup0 {up0}\n{tap0}keel-vhost-net log:\n{log}");
+    assert_has(&out, "keel-init: app started after ");
+    assert_has(&out, "app: args=rw greeting=hello");
+    assert_has(&out, "app: disk ok");
+    assert_has(&out, "app: net ok (10.0.3.1)");
+    assert_has(&out, "app: all checks passed");
+    assert_has(&out, "keel-init: app exited with status 7");
+    assert_has(&out, "keel-init: powering off with status 7");
+
+    // The guest's write reached the disk image.
+    let cat = Command::new("debugfs")
+        .arg("-R")
+        .arg("cat /data/new.txt")
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&cat.stdout).trim(),
+        "written by the guest"
+    );
+
+    // The switch carried frames both ways (at least ARP request/reply and the ping).
+    let n = |p: &Value, k: &str| p[k].as_u64().unwrap();
+    assert!(n(&vm0, "tx_packets") >= 2, "guest sent too little: {vm0}");
+    assert!(n(&vm0, "rx_packets") >= 2, "guest got too little: {vm0}");
+    assert!(
+        n(&up0, "tx_packets") >= 2,
+        "namespace sent too little: {up0}"
+    );
+    assert!(
+        n(&up0, "rx_packets") >= 2,
+        "namespace got too little: {up0}"
+    );
+    assert!(n(&vm0, "tx_bytes") > 0 && n(&vm0, "rx_bytes") > 0, "{vm0}");
+    for k in ["drop_spoofed", "drop_bad_descriptor", "drop_short"] {
+        assert_eq!(n(&vm0, k), 0, "{k}: {vm0}");
+    }
+    // And the namespace's kernel saw them on tap0.
+    assert!(ns.packets("tap0", "rx") >= 2);
+    assert!(ns.packets("tap0", "tx") >= 2);
+}
