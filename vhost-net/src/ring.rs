@@ -224,6 +224,15 @@ impl Ring {
         }
     }
 
+    /// Prefetches descriptor `i` of the table.
+    #[inline]
+    pub fn prefetch_desc(&self, i: u16) {
+        if i < self.size {
+            // SAFETY: `i < size`, so the address is inside the mapped table.
+            crate::net::prefetch(unsafe { self.desc.add(16 * usize::from(i)) });
+        }
+    }
+
     fn read_desc(table: *const u8, i: u16) -> Desc {
         // SAFETY: callers pass `i` below the table's entry count; the table lies in
         // mapped guest memory and is at least 1-byte aligned (read unaligned).

@@ -197,3 +197,110 @@ fn control_socket_adds_and_removes_ports() {
         1
     );
 }
+
+/// CPUs allowed for each `vring_worker` thread of process `pid`.
+fn worker_cpus(pid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() != "vring_worker" {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        if let Some(l) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
+            out.push(l["Cpus_allowed_list:".len()..].trim().to_string());
+        }
+    }
+    out
+}
+
+/// TX-packets of testpmd's forwarding stream on queue `q` in its final report.
+fn stream_tx(log: &str, q: usize) -> Option<u64> {
+    let key = format!("RX Port= 0/Queue= {q} -> TX Port= 0/Queue= {q}");
+    let mut lines = log.lines().skip_while(|l| !l.contains(&key));
+    lines.next()?;
+    last_count(lines.next()?, "TX-packets:")
+}
+
+#[test]
+fn queue_pairs_pinned_workers_and_rate_limits() {
+    if !testpmd_available() {
+        return;
+    }
+    let _guard = testpmd_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let be = Backend::start(
+        d,
+        &[
+            format!(
+                "name=p0,socket={}/p0.sock,mac={MAC0},queues=2,cpu=1",
+                d.display()
+            ),
+            format!("name=p1,socket={}/p1.sock,mac={MAC1}", d.display()),
+        ],
+        &[],
+    );
+    let (p0, p1) = (d.join("p0.sock"), d.join("p1.sock"));
+    let _rx = Testpmd::start(d, "mq-rx", &p1, MAC1, "rxonly", 1, &[]);
+    be.wait_for(60, "p1 connected", |b| b.port("p1")["connected"] == true);
+    // Two queue pairs: virtio-user serves its control queue itself (like keel-vmm)
+    // and enables both pairs on the backend.
+    let mut tx = Testpmd::start_queues(
+        d,
+        "mq-tx",
+        &p0,
+        MAC0,
+        "txonly",
+        0,
+        "queues=2,cq=1",
+        &["--txq=2", "--rxq=2", &format!("--eth-peer=0,{MAC1}")],
+    );
+    be.wait_for(60, "frames from p0", |b| {
+        b.counter("p0", "tx_packets") > 100_000
+    });
+    let s0 = be.port("p0");
+    assert_eq!(s0["queues"], 2, "{s0}");
+    assert_ne!(
+        s0["features"].as_u64().unwrap() & (1 << 22),
+        0,
+        "no MQ: {s0}"
+    );
+    // p0's two workers are pinned to CPU 1; p1's single worker is not pinned.
+    let cpus = worker_cpus(be.pid());
+    assert_eq!(cpus.len(), 3, "{cpus:?}");
+    assert_eq!(cpus.iter().filter(|c| *c == "1").count(), 2, "{cpus:?}");
+
+    // A packets/s limit set through the control socket.
+    let r = be.request(r#"{"cmd":"set-rate","name":"p0","pps":20000}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (t0, d0) = (
+        be.counter("p0", "tx_packets"),
+        be.counter("p0", "drop_rate_limit"),
+    );
+    let start = std::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let secs = start.elapsed().as_secs_f64();
+    let (t1, d1) = (
+        be.counter("p0", "tx_packets"),
+        be.counter("p0", "drop_rate_limit"),
+    );
+    let rate = (t1 - t0) as f64 / secs;
+    assert!(rate < 24_000.0 && rate > 10_000.0, "{rate} pps");
+    assert!(d1 > d0 + 10_000, "drops {d0} -> {d1}");
+    let r = be.request(r#"{"cmd":"set-rate","name":"p0","pps":0}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    let r = be.request(r#"{"cmd":"set-rate","name":"nope","pps":1}"#);
+    assert_eq!(r["ok"], false, "{r}");
+
+    // Both of the frontend's TX queues were served.
+    let log = tx.stop();
+    for q in 0..2 {
+        let n = stream_tx(&log, q).unwrap_or_else(|| panic!("no stream {q}:\n{log}"));
+        assert!(n > 10_000, "queue {q} sent {n}:\n{log}");
+    }
+}

@@ -108,6 +108,11 @@ impl Backend {
         backend
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Whether the process still runs.
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
@@ -183,6 +188,22 @@ impl Testpmd {
         cpu: usize,
         extra: &[&str],
     ) -> Testpmd {
+        Testpmd::start_queues(dir, tag, socket, mac, mode, cpu, "queues=1", extra)
+    }
+
+    /// Like [`Testpmd::start`] with other virtio-user queue options (e.g.
+    /// `queues=2,cq=1`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_queues(
+        dir: &Path,
+        tag: &str,
+        socket: &Path,
+        mac: &str,
+        mode: &str,
+        cpu: usize,
+        queues: &str,
+        extra: &[&str],
+    ) -> Testpmd {
         let prefix = format!("keelnet-{}-{tag}", std::process::id());
         let log = dir.join(format!("testpmd-{tag}.log"));
         let child = Command::new("dpdk-testpmd")
@@ -191,7 +212,7 @@ impl Testpmd {
             .arg(format!("--file-prefix={prefix}"))
             .arg("--vdev")
             .arg(format!(
-                "net_virtio_user0,path={},queues=1,mac={mac}",
+                "net_virtio_user0,path={},{queues},mac={mac}",
                 socket.display()
             ))
             .arg("--")
