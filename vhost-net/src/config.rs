@@ -704,6 +704,37 @@ mod tests {
     }
 
     #[test]
+    fn queues_cpus_and_rates() {
+        let p: PortConfig = "name=p0,socket=/s,queues=4,cpu=2/3,rate_bps=1000000,rate_pps=500"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            (p.queues, p.cpu.clone(), p.rate_bps, p.rate_pps),
+            (4, vec![2, 3], 1_000_000, 500)
+        );
+        let p: PortConfig = "name=p0,socket=/s".parse().unwrap();
+        assert_eq!((p.queues, p.cpu.len(), p.rate_pps), (1, 0, 0));
+        assert!("name=p0,socket=/s,queues=0".parse::<PortConfig>().is_err());
+        assert!("name=p0,socket=/s,queues=17".parse::<PortConfig>().is_err());
+        assert!("name=p0,socket=/s,cpu=x".parse::<PortConfig>().is_err());
+        assert!("name=p0,socket=/s,cpu=5000".parse::<PortConfig>().is_err());
+        let c = parse("offloads = true\n[[port]]\nname = \"p0\"\nsocket = \"a\"\ncpu = 3\n[[port]]\nname = \"p1\"\nsocket = \"b\"\ncpu = [0, 1]\nqueues = 2\n").unwrap();
+        assert!(c.offloads);
+        assert_eq!(c.ports[0].cpu, vec![3]);
+        assert_eq!((c.ports[1].cpu.clone(), c.ports[1].queues), (vec![0, 1], 2));
+        let e = parse("[[port]]\nname = \"p0\"\nsocket = \"a\"\nqueues = 0\n").unwrap_err();
+        assert!(e.to_string().contains(":1:1: port[0].queues"), "{e}");
+        let args = Args::try_parse_from([
+            "keel-vhost-net",
+            "--port",
+            "name=p0,socket=/s",
+            "--offloads",
+        ])
+        .unwrap();
+        assert!(switch_from_args(&args).unwrap().offloads);
+    }
+
+    #[test]
     fn mac_parsing() {
         assert_eq!(
             "02:00:00:00:00:0a".parse::<Mac>().unwrap().to_string(),
