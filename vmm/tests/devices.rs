@@ -672,3 +672,32 @@ fn disk_io_continues_while_the_nic_backend_is_down_and_the_nic_recovers() {
         "{out}"
     );
 }
+
+#[test]
+fn a_hung_backend_cannot_hang_the_vmm() {
+    let dir = SandboxDir::new();
+    let socket = dir.path("hung.sock");
+    // Accepts connections and never answers.
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let keep = thread::spawn(move || {
+        let conn = listener.accept();
+        thread::sleep(Duration::from_secs(12));
+        drop(conn);
+    });
+    let config = disk_config(&dir, "hello", &socket, "");
+    let started = Instant::now();
+    let mut vmm = Vmm::start(&config);
+    let status = vmm.wait(Duration::from_secs(40));
+    let err = vmm.stderr.text();
+    eprintln!("hung backend: VMM gave up after {:?}", started.elapsed());
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("device disk0"), "{err}");
+    assert!(err.contains("GET_FEATURES"), "{err}");
+    // Given up by the reply deadline, not by the peer closing (at 12 s).
+    assert!(
+        started.elapsed() < Duration::from_secs(11),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(keep);
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use log::{debug, info};
+use log::{debug, info, warn};
 use std::fs::File;
 use thiserror::Error;
 
@@ -91,12 +91,53 @@ struct Negotiated {
     backend_queues: Option<u64>,
 }
 
+/// How long the VMM waits for a backend's reply before giving up on it: a hung
+/// backend must not hold a vCPU (or the event loop) forever.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Shuts the backend socket down if an exchange takes longer than its deadline, so a
+/// hung backend fails the exchange instead of blocking its caller forever (the
+/// vhost crate retries interrupted or timed-out socket calls itself).
+struct ReplyDeadline {
+    done: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl ReplyDeadline {
+    fn arm(fd: std::os::fd::RawFd, timeout: Duration) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let spawned = thread::Builder::new()
+            .name("vhost-deadline".into())
+            .spawn(move || {
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(timeout) {
+                    warn!("vhost-user backend did not answer within {timeout:?}: disconnecting it");
+                    // SAFETY: the fd belongs to a Frontend that stays alive until this
+                    // guard is dropped (the guard is dropped first); shutdown only
+                    // ends the connection, it does not close or reuse the fd.
+                    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+                }
+            });
+        if let Err(e) = spawned {
+            warn!("cannot arm the backend reply deadline: {e}");
+        }
+        Self { done: Some(tx) }
+    }
+}
+
+impl Drop for ReplyDeadline {
+    fn drop(&mut self) {
+        if let Some(tx) = self.done.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
 fn handshake(
     id: &str,
     socket: &Path,
     frontend: Frontend,
     extra: VhostUserProtocolFeatures,
 ) -> Result<Negotiated, ConnectError> {
+    let _deadline = ReplyDeadline::arm(frontend.as_raw_fd(), REPLY_TIMEOUT);
     let fail = |step: &'static str| {
         let id = id.to_owned();
         let socket = socket.to_path_buf();
@@ -324,6 +365,7 @@ impl VhostUserConnection {
 
     /// Reads `len` bytes of the backend's device configuration.
     pub fn get_config(&mut self, len: usize) -> Result<Vec<u8>, String> {
+        let _deadline = ReplyDeadline::arm(self.frontend.as_raw_fd(), REPLY_TIMEOUT);
         let buf = vec![0u8; len];
         self.frontend
             .get_config(0, len as u32, VhostUserConfigFlags::WRITABLE, &buf)
@@ -431,6 +473,7 @@ impl VhostUserConnection {
         calls: &[&EventFd],
         bases: &[u16],
     ) -> Result<(), DeviceError> {
+        let _deadline = ReplyDeadline::arm(self.frontend.as_raw_fd(), REPLY_TIMEOUT);
         let protocol_bit = self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES;
         self.frontend
             .set_features(features | protocol_bit)
@@ -499,6 +542,7 @@ impl VhostUserConnection {
 
     /// Enables or disables a started ring (multiqueue pair selection).
     pub fn set_ring_enabled(&mut self, index: usize, enabled: bool) -> Result<(), String> {
+        let _deadline = ReplyDeadline::arm(self.frontend.as_raw_fd(), REPLY_TIMEOUT);
         if self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
             return Err("the backend has no per-ring enable (no protocol features)".to_owned());
         }
@@ -510,6 +554,7 @@ impl VhostUserConnection {
     /// Stops every started ring (GET_VRING_BASE), so the backend stops touching
     /// guest memory.
     pub fn stop(&mut self) {
+        let _deadline = ReplyDeadline::arm(self.frontend.as_raw_fd(), REPLY_TIMEOUT);
         let protocol = self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0;
         for index in std::mem::take(&mut self.started) {
             if protocol {
