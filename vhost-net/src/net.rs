@@ -433,7 +433,7 @@ pub struct RxScratch {
     /// Used entries of the current frame.
     used: Vec<(u16, u32)>,
     /// The pieces of the frame being written.
-    src: Vec<(*const u8, usize)>,
+    pub(crate) src: Vec<(*const u8, usize)>,
     /// A frame copy for the slow paths (checksum completion).
     pub copy: Vec<u8>,
 }

@@ -319,7 +319,7 @@ impl Port {
                         offl += 1;
                         continue;
                     }
-                    RxPlan::Pass(h) => tap.send(&h, batch, f, &mut rx.copy),
+                    RxPlan::Pass(h) => tap.send(&h, batch, f, &mut rx.src, &mut rx.copy),
                     RxPlan::CompleteCsum(h) => {
                         rx.copy.clear();
                         batch.gather(f, &mut rx.copy);

@@ -112,16 +112,18 @@ impl Tap {
     }
 
     /// Sends frame `f` of `batch` to the kernel with header `hdr`, straight from the
-    /// sender's buffers (one writev); `copy` is scratch space for frames in many pieces.
+    /// sender's buffers (one writev); `pieces` and `copy` are scratch space (the
+    /// latter for frames in many pieces).
     pub fn send(
         &self,
         hdr: &[u8; HDR_LEN],
         batch: &TxBatch,
         f: &Frame,
+        pieces: &mut Vec<(*const u8, usize)>,
         copy: &mut Vec<u8>,
     ) -> io::Result<()> {
-        let mut pieces = Vec::new();
-        batch.pieces_of(f, &mut pieces);
+        pieces.clear();
+        batch.pieces_of(f, pieces);
         if pieces.len() >= MAX_IOV {
             copy.clear();
             batch.gather(f, copy);
@@ -136,14 +138,16 @@ impl Tap {
             iov_len: HDR_LEN,
         };
         let mut total = HDR_LEN;
-        for (slot, &(p, n)) in iov[1..].iter_mut().zip(&pieces) {
+        for (slot, &(p, n)) in iov[1..].iter_mut().zip(pieces.iter()) {
             *slot = libc::iovec {
                 iov_base: p as *mut libc::c_void,
                 iov_len: n,
             };
             total += n;
         }
-        self.writev(&iov[..pieces.len() + 1], total)
+        let n = pieces.len();
+        pieces.clear();
+        self.writev(&iov[..n + 1], total)
     }
 
     /// Sends `frame` to the kernel with header `hdr`.
