@@ -631,3 +631,94 @@ fn rate_limits_drop_and_count() {
     b.send(0, &frames);
     assert_eq!(b.counters(0).drop_rate_limit, c.drop_rate_limit);
 }
+
+#[test]
+fn buffers_spanning_two_memory_regions_are_split_not_dropped() {
+    // Two adjacent regions, separately mapped: a buffer across the boundary is read and
+    // written in two pieces.
+    let mem = GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), 0x20_0000),
+        (GuestAddress(0x20_0000), 0x20_0000),
+    ])
+    .unwrap();
+    let f = frame(B, A, 100);
+    let at = 0x20_0000 - 40;
+    let len = put_tx(&mem, at, &f);
+    let (batch, _) = pop_one(&mem, &[&[(at, len, 0)]]);
+    let r = batch.frames[0].frame.clone().unwrap();
+    assert_eq!(batch.bytes(&r), f);
+    assert_eq!(r.eth[..6], B);
+
+    let mock = MockSplitQueue::new(&mem, QS);
+    add_chains(&mock, &[&[(0x20_0000 - 16, 512, W)]]);
+    let mut q: Queue = mock.create_queue().unwrap();
+    let mut s = RxScratch::default();
+    net::write_rx(&mut q, &mem, HDR_LEN, true, &f, &mut s).unwrap();
+    let mut got = vec![0u8; HDR_LEN + f.len()];
+    mem.read_slice(&mut got, GuestAddress(0x20_0000 - 16))
+        .unwrap();
+    assert_eq!(&got[HDR_LEN..], &f[..]);
+    assert_eq!(used_elem(&mem, &mock, 0), (0, (HDR_LEN + f.len()) as u32));
+}
+
+#[test]
+fn rings_outside_memory_are_refused_without_a_panic() {
+    use crate::net::QueueBroken;
+    let mem = memory();
+    for (d, a, u) in [
+        (OUTSIDE, 0x2000, 0x3000),
+        (0x1000, OUTSIDE, 0x3000),
+        (0x1000, 0x2000, OUTSIDE),
+        // The used ring runs past the end of memory.
+        (0x1000, 0x2000, MEM_SIZE as u64 - 8),
+        // The descriptor table runs past the end of memory (misaligned addresses are
+        // refused by the queue itself).
+        (MEM_SIZE as u64 - 16, 0x2000, 0x3000),
+    ] {
+        let mut q = Queue::new(QS).unwrap();
+        q.set_size(QS);
+        q.set_desc_table_address(Some(d as u32), Some((d >> 32) as u32));
+        q.set_avail_ring_address(Some(a as u32), Some((a >> 32) as u32));
+        q.set_used_ring_address(Some(u as u32), Some((u >> 32) as u32));
+        q.set_ready(true);
+        let mut batch = TxBatch::default();
+        assert!(matches!(
+            net::pop_tx(&mut q, &Arc::new(mem.clone()), HDR_LEN, &mut batch, 64),
+            Err(QueueBroken::Unmapped)
+        ));
+        let mut s = RxScratch::default();
+        assert_eq!(
+            net::write_rx(&mut q, &mem, HDR_LEN, true, &frame(B, A, 60), &mut s),
+            Err(RxDrop::BadDescriptor)
+        );
+    }
+}
+
+#[test]
+fn indirect_tables_outside_memory_or_nested_are_dropped() {
+    let mem = memory();
+    let f = frame(B, A, 60);
+    let len = put_tx(&mem, BUF, &f);
+    let ind = VRING_DESC_F_INDIRECT as u16;
+    // The table itself outside memory; a table whose length is not a multiple of 16.
+    let (batch, _) = pop_one(&mem, &[&[(OUTSIDE, 32, ind)], &[(0x20_0000, 20, ind)]]);
+    assert_eq!(batch.frames[0].frame, Err(TxDrop::BadDescriptor));
+    assert_eq!(batch.frames[1].frame, Err(TxDrop::BadDescriptor));
+    // An indirect descriptor inside an indirect table.
+    let table = 0x20_0000u64;
+    mem.write_obj(
+        RawDescriptor::from(Descriptor::new(table, 16, ind, 0)),
+        GuestAddress(table),
+    )
+    .unwrap();
+    let (batch, _) = pop_one(&mem, &[&[(table, 16, ind)]]);
+    assert_eq!(batch.frames[0].frame, Err(TxDrop::BadDescriptor));
+    // A writable buffer from an indirect table on the TX queue.
+    mem.write_obj(
+        RawDescriptor::from(Descriptor::new(BUF, len, W, 0)),
+        GuestAddress(table),
+    )
+    .unwrap();
+    let (batch, _) = pop_one(&mem, &[&[(table, 16, ind)]]);
+    assert_eq!(batch.frames[0].frame, Err(TxDrop::BadDescriptor));
+}
