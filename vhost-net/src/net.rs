@@ -480,8 +480,10 @@ impl Stream<'_> {
             // SAFETY: the piece has `len` readable bytes (mapped guest memory checked
             // when the chain was taken, or a live buffer), `piece_off + k <= len`; the
             // destination is a checked RX buffer piece with room for `n >= k` bytes.
+            // `copy` (memmove), not `copy_nonoverlapping`: a guest with two ports on
+            // this switch may make a TX buffer overlap an RX buffer.
             unsafe {
-                std::ptr::copy_nonoverlapping(p.add(self.piece_off), dst, k);
+                std::ptr::copy(p.add(self.piece_off), dst, k);
                 dst = dst.add(k);
             }
             self.piece_off += k;
