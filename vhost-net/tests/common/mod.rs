@@ -238,7 +238,7 @@ impl Testpmd {
             unsafe {
                 libc::kill(child.id() as libc::pid_t, libc::SIGINT);
             }
-            let deadline = Instant::now() + Duration::from_secs(20);
+            let deadline = Instant::now() + Duration::from_secs(60);
             while child.try_wait().unwrap().is_none() {
                 if Instant::now() > deadline {
                     let _ = child.kill();
