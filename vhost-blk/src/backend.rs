@@ -193,8 +193,11 @@ impl BlkBackend {
             .process_avail(q, &mem, rearm)
             .map_err(|e| io::Error::other(e.to_string()))?;
         // Page-cache hits complete during submission: return them now, not on the
-        // next wake-up.
-        used += worker.process_completions(q, &mem, false);
+        // next wake-up. Those completions also signalled the completion eventfd; in
+        // event mode clear it before reaping (nothing is lost: a later completion
+        // signals again), so epoll does not wake us for work already done.
+        let clear = rearm && worker.has_completions();
+        used += worker.process_completions(q, &mem, clear);
         let submitted = worker.inflight() > 0;
         drop(worker);
         if used > 0 && state.needs_notification().unwrap_or(true) {

@@ -51,6 +51,8 @@ pub struct Disk {
     pub read_only: bool,
     /// Whether the image is a block device (fallocate modes differ).
     pub is_block_device: bool,
+    /// Opened with O_DIRECT (no page cache, so no synchronous fast path).
+    pub direct: bool,
     /// Serial reported by GET_ID, zero-padded.
     pub serial: [u8; MAX_SERIAL_LEN],
     /// Volatile write cache on (writeback). When off, writes use RWF_DSYNC.
@@ -94,6 +96,7 @@ impl Disk {
             size: bytes / SECTOR_SIZE * SECTOR_SIZE,
             read_only: cfg.read_only,
             is_block_device: kind.is_block_device(),
+            direct: cfg.direct,
             serial,
             write_cache: AtomicBool::new(cfg.write_cache),
         })

@@ -95,6 +95,11 @@ pub struct Engine {
     free: Vec<u32>,
     inflight: usize,
     unsubmitted: usize,
+    /// Buffered reads are first tried synchronously with `RWF_NOWAIT` (page-cache
+    /// hits complete without a trip through the ring). Cleared if the file refuses.
+    nowait_reads: bool,
+    /// Same for writes while the write cache is on.
+    nowait_writes: bool,
 }
 
 impl Engine {
@@ -111,6 +116,7 @@ impl Engine {
             .map_err(EngineError::EventFd)?;
         let slots = (0..entries).map(|_| None).collect();
         let free = (0..entries).rev().collect();
+        let buffered = !disk.direct;
         Ok(Engine {
             ring,
             event,
@@ -119,6 +125,8 @@ impl Engine {
             free,
             inflight: 0,
             unsubmitted: 0,
+            nowait_reads: buffered,
+            nowait_writes: buffered,
         })
     }
 
@@ -140,6 +148,67 @@ impl Engine {
     /// Requests in flight.
     pub fn inflight(&self) -> usize {
         self.inflight
+    }
+
+    /// Whether completions are waiting on the completion ring (no syscall).
+    pub fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
+    /// Tries the whole transfer synchronously, without blocking (`RWF_NOWAIT`: page
+    /// cache only) except for the buffered-write case below. `true` if all `len`
+    /// bytes were transferred; otherwise the request goes through the ring (which
+    /// redoes it from the start, so a short transfer is harmless: the same bytes are
+    /// read or written again).
+    fn try_now(&mut self, write: bool, iov: &IoVecs, offset: u64, len: u32) -> bool {
+        // Without RWF_NOWAIT support for buffered writes (ext4), the ring punts each
+        // write to an io-wq thread and its completion costs us a wake-up. When
+        // nothing else is in flight (queue depth 1) a plain synchronous write is
+        // cheaper: a buffered write only copies into the page cache, and there is no
+        // other request the thread could be serving meanwhile.
+        let (enabled, flags) = if !write {
+            (self.nowait_reads, libc::RWF_NOWAIT)
+        } else if self.nowait_writes {
+            (true, libc::RWF_NOWAIT)
+        } else {
+            (!self.disk.direct && self.inflight == 0, 0)
+        };
+        let Ok(offset) = libc::off_t::try_from(offset) else {
+            return false;
+        };
+        if !enabled || iov.0.is_empty() {
+            return false;
+        }
+        let fd = self.disk.file.as_raw_fd();
+        let (ptr, cnt) = (iov.0.as_ptr(), iov.0.len() as libc::c_int);
+        // SAFETY: the iovecs point into mapped guest memory (checked when they were
+        // built) that `start`'s caller keeps mapped for the duration of the call; the
+        // kernel checks the rest, and nothing is retained after the call returns.
+        let n = unsafe {
+            if write {
+                libc::pwritev2(fd, ptr, cnt, offset, flags)
+            } else {
+                libc::preadv2(fd, ptr, cnt, offset, flags)
+            }
+        };
+        if n < 0 {
+            let err = std::io::Error::last_os_error().raw_os_error();
+            if flags != 0 && matches!(err, Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)) {
+                // This file (or kernel) does not do non-blocking buffered I/O.
+                debug!(
+                    "RWF_NOWAIT not supported for {}",
+                    if write { "writes" } else { "reads" }
+                );
+                if write {
+                    self.nowait_writes = false;
+                    // Once more, as a plain write if nothing is in flight.
+                    return self.try_now(true, iov, offset as u64, len);
+                }
+                self.nowait_reads = false;
+            }
+            return false;
+        }
+        n as u64 == u64::from(len)
     }
 
     /// Starts `req` for chain `head`. Returns a completion right away when there is
@@ -164,6 +233,9 @@ impl Engine {
                 let Some(iov) = iovecs(mem, &segs) else {
                     return fail(STATUS_IOERR);
                 };
+                if self.try_now(false, &iov, offset, len) {
+                    return Some(Completion::new(head, Some(status_addr), STATUS_OK, len));
+                }
                 let e = opcode::Readv::new(fd, iov.0.as_ptr(), iov.0.len() as u32)
                     .offset(offset)
                     .build();
@@ -173,11 +245,13 @@ impl Engine {
                 let Some(iov) = iovecs(mem, &segs) else {
                     return fail(STATUS_IOERR);
                 };
-                let flags = if self.disk.write_cache() {
-                    0
-                } else {
-                    libc::RWF_DSYNC
-                };
+                // With the write cache off, writes must be durable before completion:
+                // those always take the ring with RWF_DSYNC.
+                let cached = self.disk.write_cache();
+                if cached && self.try_now(true, &iov, offset, len) {
+                    return Some(Completion::new(head, Some(status_addr), STATUS_OK, 0));
+                }
+                let flags = if cached { 0 } else { libc::RWF_DSYNC };
                 let e = opcode::Writev::new(fd, iov.0.as_ptr(), iov.0.len() as u32)
                     .offset(offset)
                     .rw_flags(flags)

@@ -343,3 +343,63 @@ fn looping_chain_and_bad_avail_index_do_not_hang() {
     worker.drain(&mut q, &f.mem);
     assert_eq!(f.image(), pattern_at(0, IMAGE_LEN));
 }
+
+#[test]
+fn cached_reads_complete_inline_and_uncached_writes_take_the_ring() {
+    let f = Fixture::new(false);
+    // The image was just written, so it is in the page cache: the read completes
+    // while the avail ring is processed, without anything in flight on the ring.
+    f.header(VIRTIO_BLK_T_IN, 4);
+    let mock = MockSplitQueue::new(&*f.mem, 16);
+    let raw = [
+        RawDescriptor::from(Descriptor::new(HDR, 16, N, 1)),
+        RawDescriptor::from(Descriptor::new(DATA, 4096, W | N, 2)),
+        RawDescriptor::from(Descriptor::new(STATUS, 1, W, 0)),
+    ];
+    mock.add_desc_chains(&raw, 0).unwrap();
+    let mut q: Queue = mock.create_queue().unwrap();
+    let mut worker = QueueWorker::new(f.disk.clone(), 16).unwrap();
+    f.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    assert_eq!(worker.process_avail(&mut q, &f.mem, true).unwrap(), 1);
+    assert_eq!(worker.inflight(), 0);
+    let status: u8 = f.mem.read_obj(GuestAddress(STATUS)).unwrap();
+    assert_eq!(status, STATUS_OK);
+    let mut buf = vec![0u8; 4096];
+    f.mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+    assert_eq!(buf, pattern_at(2048, 4096));
+
+    // Write cache on, nothing else in flight: the write completes synchronously too.
+    f.mem.write_slice(&[8u8; 512], GuestAddress(DATA)).unwrap();
+    f.header(VIRTIO_BLK_T_OUT, 2);
+    let mock = MockSplitQueue::new(&*f.mem, 16);
+    let raw = [
+        RawDescriptor::from(Descriptor::new(HDR, 16, N, 1)),
+        RawDescriptor::from(Descriptor::new(DATA, 512, N, 2)),
+        RawDescriptor::from(Descriptor::new(STATUS, 1, W, 0)),
+    ];
+    mock.add_desc_chains(&raw, 0).unwrap();
+    let mut q: Queue = mock.create_queue().unwrap();
+    assert_eq!(worker.process_avail(&mut q, &f.mem, true).unwrap(), 1);
+    assert_eq!(worker.inflight(), 0);
+    assert_eq!(&f.image()[1024..1536], &[8u8; 512][..]);
+
+    // Write cache off: writes must be durable before completion, so they go through
+    // the ring with RWF_DSYNC and are not completed synchronously.
+    f.disk.set_write_cache(false);
+    f.mem.write_slice(&[9u8; 512], GuestAddress(DATA)).unwrap();
+    f.header(VIRTIO_BLK_T_OUT, 3);
+    let mock = MockSplitQueue::new(&*f.mem, 16);
+    let raw = [
+        RawDescriptor::from(Descriptor::new(HDR, 16, N, 1)),
+        RawDescriptor::from(Descriptor::new(DATA, 512, N, 2)),
+        RawDescriptor::from(Descriptor::new(STATUS, 1, W, 0)),
+    ];
+    mock.add_desc_chains(&raw, 0).unwrap();
+    let mut q: Queue = mock.create_queue().unwrap();
+    assert_eq!(worker.process_avail(&mut q, &f.mem, true).unwrap(), 0);
+    assert_eq!(worker.inflight(), 1);
+    assert_eq!(worker.drain(&mut q, &f.mem), 1);
+    let status: u8 = f.mem.read_obj(GuestAddress(STATUS)).unwrap();
+    assert_eq!(status, STATUS_OK);
+    assert_eq!(&f.image()[1536..2048], &[9u8; 512][..]);
+}

@@ -127,6 +127,11 @@ impl QueueWorker {
         self.engine.inflight()
     }
 
+    /// Whether finished requests wait on the completion ring.
+    pub fn has_completions(&mut self) -> bool {
+        self.engine.has_completions()
+    }
+
     /// Takes new chains from the avail ring and submits them in one batch. With
     /// `rearm`, notifications are re-enabled at the end (and the ring re-checked);
     /// without, they stay disabled (busy polling). Returns the number of used entries
