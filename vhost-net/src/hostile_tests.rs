@@ -619,14 +619,17 @@ fn rate_limits_drop_and_count() {
     b.send(0, &frames);
     let c = b.counters(0);
     assert_eq!(c.tx_packets + c.drop_rate_limit, 128, "{c:?}");
-    assert!((60..=63).contains(&c.drop_rate_limit), "{c:?}");
+    // Tokens also refill while the test runs (1 frame per ms at this rate): a loaded
+    // machine lets a few more through, never fewer.
+    assert!((30..=63).contains(&c.drop_rate_limit), "{c:?}");
     // Packets per second, and lifting the limit.
     let b = Bench::new(&[None, None]);
     b.ports[0].limiter.set(0, 1000);
     b.send(0, &frames);
     b.send(0, &frames);
     let c = b.counters(0);
-    assert!((64..=66).contains(&c.tx_packets), "{c:?}");
+    assert!((64..=100).contains(&c.tx_packets), "{c:?}");
+    assert!(c.drop_rate_limit > 0, "{c:?}");
     b.ports[0].limiter.set(0, 0);
     b.send(0, &frames);
     assert_eq!(b.counters(0).drop_rate_limit, c.drop_rate_limit);
