@@ -212,14 +212,20 @@ impl Engine {
     }
 
     /// Starts `req` for chain `head`. Returns a completion right away when there is
-    /// nothing to submit (errors found while parsing, GET_ID, unmappable buffers).
+    /// nothing to submit (errors found while parsing, GET_ID, unmappable buffers, a
+    /// read or write done synchronously). `alone`: the caller has no further request
+    /// at hand, so the synchronous fast path may be used (with more, one batched
+    /// submission costs less than a syscall each).
     /// The caller must check [`Engine::is_full`] first; a full engine fails the request.
     pub fn start(
         &mut self,
         head: u16,
         req: Request,
         mem: &Arc<GuestMemoryMmap>,
+        alone: bool,
     ) -> Option<Completion> {
+        // Only if nothing is waiting in the submission queue either.
+        let sync = alone && self.unsubmitted == 0;
         let Some(status_addr) = req.status else {
             return Some(Completion::new(head, None, STATUS_IOERR, 0));
         };
@@ -233,7 +239,7 @@ impl Engine {
                 let Some(iov) = iovecs(mem, &segs) else {
                     return fail(STATUS_IOERR);
                 };
-                if self.try_now(false, &iov, offset, len) {
+                if sync && self.try_now(false, &iov, offset, len) {
                     return Some(Completion::new(head, Some(status_addr), STATUS_OK, len));
                 }
                 let e = opcode::Readv::new(fd, iov.0.as_ptr(), iov.0.len() as u32)
@@ -248,7 +254,7 @@ impl Engine {
                 // With the write cache off, writes must be durable before completion:
                 // those always take the ring with RWF_DSYNC.
                 let cached = self.disk.write_cache();
-                if cached && self.try_now(true, &iov, offset, len) {
+                if sync && cached && self.try_now(true, &iov, offset, len) {
                     return Some(Completion::new(head, Some(status_addr), STATUS_OK, 0));
                 }
                 let flags = if cached { 0 } else { libc::RWF_DSYNC };

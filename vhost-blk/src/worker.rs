@@ -99,7 +99,7 @@ impl QueueWorker {
                 self.engine.submit()?;
                 self.process_completions_blocking(q, mem);
             }
-            if let Some(c) = self.engine.start(head, req, mem) {
+            if let Some(c) = self.engine.start(head, req, mem, false) {
                 complete(q, mem, c, self.tracker.as_mut());
                 used += 1;
             }
@@ -154,7 +154,10 @@ impl QueueWorker {
                     t.mark(head);
                 }
                 let req = request::parse(chain, mem, &self.disk);
-                if let Some(c) = self.engine.start(head, req, mem) {
+                // A request alone on the avail ring (queue depth 1) may be done
+                // synchronously; with more waiting, they are submitted as one batch.
+                let alone = q.avail_idx(&**mem, Ordering::Acquire)?.0 == q.next_avail();
+                if let Some(c) = self.engine.start(head, req, mem, alone) {
                     complete(q, mem, c, self.tracker.as_mut());
                     used += 1;
                 }
