@@ -531,6 +531,15 @@ fn own_backend(package: &str) -> std::path::PathBuf {
 
 #[test]
 fn frames_cross_keel_vhost_net_to_a_dpdk_peer_and_back() {
+    cross_keel_vhost_net(1);
+}
+
+#[test]
+fn a_two_pair_nic_on_keel_vhost_net_still_echoes_on_pair_zero() {
+    cross_keel_vhost_net(2);
+}
+
+fn cross_keel_vhost_net(pairs: u16) {
     let _dpdk = dpdk_lock();
     let dir = SandboxDir::new();
     let vm_sock = dir.path("vm.sock");
@@ -539,7 +548,7 @@ fn frames_cross_keel_vhost_net_to_a_dpdk_peer_and_back() {
     let switch = Command::new(own_backend("keel-vhost-net"))
         .arg("--port")
         .arg(format!(
-            "name=vm,socket={},mac=52:54:00:12:34:56",
+            "name=vm,socket={},mac=52:54:00:12:34:56,queues={pairs}",
             vm_sock.display()
         ))
         .arg("--port")
@@ -603,7 +612,7 @@ fn frames_cross_keel_vhost_net_to_a_dpdk_peer_and_back() {
         "net",
         1,
         &format!(
-            "[[net]]\nid = \"net0\"\nsocket = \"{}\"\nmac = \"52:54:00:12:34:56\"\n",
+            "[[net]]\nid = \"net0\"\nsocket = \"{}\"\nmac = \"52:54:00:12:34:56\"\nqueue_pairs = {pairs}\n",
             vm_sock.display()
         ),
     );
