@@ -343,20 +343,7 @@ fn disk_io_survives_a_backend_crash_and_restart() {
 /// Builds (once) and returns the project's own blk backend.
 fn keel_vhost_blk() -> std::path::PathBuf {
     static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        let root = common::workspace_root();
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "keel-vhost-blk"])
-            .current_dir(&root)
-            .status()
-            .unwrap();
-        assert!(status.success(), "building keel-vhost-blk failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| root.join("target"));
-        target.join("debug/keel-vhost-blk")
-    })
-    .clone()
+    BIN.get_or_init(|| own_backend("keel-vhost-blk")).clone()
 }
 
 fn start_keel_vhost_blk(image: &Path, socket: &Path, serial: &str) -> Backend {
