@@ -9,6 +9,7 @@ pub mod net;
 pub use keel_sd_notify as notify;
 pub mod offload;
 pub mod rate;
+pub mod relay;
 pub mod ring;
 pub mod server;
 pub mod switch;

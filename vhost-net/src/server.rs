@@ -2,7 +2,9 @@
 //! vhost-user socket, one after another, for as long as the port exists.
 
 use std::collections::HashMap;
-use std::os::unix::net::UnixStream;
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::thread::JoinHandle;
@@ -10,13 +12,14 @@ use std::time::Duration;
 
 use log::{info, warn};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::backend::{PortBackend, ATTACH_EVENT, TX_BATCH};
 use crate::config::PortConfig;
 use crate::net::{TxBatch, HDR_LEN, MAX_CHAIN_LEN};
+use crate::relay::Relay;
 use crate::switch::ForwardScratch;
 use crate::switch::{lock, Port, Switch};
 use crate::tap::Tap;
@@ -251,10 +254,45 @@ fn serve_one(
         exit(&daemon);
         return Err(ServeError::Daemon(format!("attach event: {e}")));
     }
-    if let Err(e) = daemon.start(listener) {
+    let frontend = loop {
+        match listener.accept() {
+            Ok(Some(s)) => break s,
+            Ok(None) => continue,
+            Err(e) => {
+                exit(&daemon);
+                return Err(ServeError::Daemon(format!("accept: {e}")));
+            }
+        }
+    };
+    if port.is_removed() {
+        exit(&daemon);
+        return Ok(());
+    }
+    // The daemon gets its end of the connection through a private socket, and the
+    // relay sits between it and the frontend (see `relay`).
+    let (mut private, inner) = match private_connection(&port.cfg.socket, port.id) {
+        Ok(p) => p,
+        Err(e) => {
+            exit(&daemon);
+            return Err(ServeError::Daemon(format!("private socket: {e}")));
+        }
+    };
+    let started = daemon.start(&mut private);
+    drop(private);
+    if let Err(e) = started {
         exit(&daemon);
         return Err(ServeError::Daemon(e.to_string()));
     }
+    let queues = backend.num_queues() as u32;
+    let relay = match Relay::start(frontend, inner, queues, name) {
+        Ok(r) => r,
+        Err(e) => {
+            daemon.request_shutdown();
+            let _ = daemon.wait();
+            exit(&daemon);
+            return Err(e.into());
+        }
+    };
     port.set_connected(daemon.shutdown_handle());
     if port.is_removed() {
         daemon.request_shutdown();
@@ -267,9 +305,35 @@ fn serve_one(
     exit(&daemon);
     // Dropping the daemon joins its worker thread.
     drop(daemon);
+    relay.join();
     match r {
         Ok(()) => info!("port {name}: frontend disconnected"),
         Err(e) => info!("port {name}: frontend connection ended: {e}"),
     }
     Ok(())
+}
+
+/// A listener with one connection already queued, plus that connection's other end.
+/// The listener lives in a directory only this user can enter, removed again before
+/// this returns, so no other process can take the daemon's place.
+fn private_connection(socket: &Path, id: u64) -> std::io::Result<(Listener, UnixStream)> {
+    let name = socket
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let parent = socket
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let dir = parent.join(format!(".{name}.{}.{id}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let result = (|| {
+        let path = dir.join("s");
+        let listener = UnixListener::bind(&path)?;
+        let inner = UnixStream::connect(&path)?;
+        Ok((Listener::from(listener), inner))
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
