@@ -194,16 +194,6 @@ fn prepare(
     ram: &memory::GuestRam,
     started_ns: u64,
 ) -> Result<Prepared, VmmError> {
-    let entry = boot::load(
-        ram,
-        &BootSpec {
-            kernel: &config.boot.kernel,
-            initramfs: config.boot.initramfs.as_deref(),
-            cmdline: &config.boot.cmdline,
-            vcpus: config.vcpus.count,
-        },
-    )?;
-
     // Legacy devices.
     let serial_irq = EventFdTrigger::new().map_err(io_err("serial interrupt eventfd"))?;
     vm.fd
@@ -243,6 +233,17 @@ fn prepare(
     )?;
     let mut mmio = BusBuilder::new();
     let pci = pci_devices::attach(config, vm, ram, &mut pio, &mut mmio)?;
+    // After the PCI devices: the MP table carries their legacy interrupt routing.
+    let entry = boot::load(
+        ram,
+        &BootSpec {
+            kernel: &config.boot.kernel,
+            initramfs: config.boot.initramfs.as_deref(),
+            cmdline: &config.boot.cmdline,
+            vcpus: config.vcpus.count,
+            pci_intx: &pci.intx,
+        },
+    )?;
     let buses = Buses {
         pio: Arc::new(pio.build()),
         mmio: Arc::new(mmio.build()),

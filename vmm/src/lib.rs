@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod event_loop;
 pub mod interrupts;
+pub mod intx;
 pub mod kvm;
 pub mod layout;
 pub mod memory;

@@ -106,6 +106,8 @@ pub struct PciDevices {
     pub devices: Vec<Arc<Mutex<VirtioPci>>>,
     /// Bind to the MMIO bus once built, so guest BAR moves can be followed.
     pub bar_mapper: Arc<KvmBarMapper>,
+    /// Legacy interrupt routing of the functions with INTx (for the MP table).
+    pub intx: Vec<crate::boot::mptable::PciIntx>,
 }
 
 /// Creates every configured PCI device and the conf1 host bridge.
@@ -193,7 +195,8 @@ pub fn attach(
             .ok_or_else(|| PciDeviceError::NoRoom(id.clone()))?;
         info!("device {id}: PCI 00:{slot:02x}.0, BAR 0 at {bar:#x}");
     }
-    crate::vfio::attach(
+    let mut intx_pins = crate::intx::IntxPins::new();
+    let intx = crate::vfio::attach(
         config,
         &vm.fd,
         ram,
@@ -203,6 +206,7 @@ pub fn attach(
             bars: &mut bars,
             mmio: &mut *mmio,
             bar_mapper: &bar_mapper,
+            intx_pins: &mut intx_pins,
         },
     )?;
     pio.insert(
@@ -213,5 +217,6 @@ pub fn attach(
     Ok(PciDevices {
         devices: attached,
         bar_mapper,
+        intx,
     })
 }

@@ -3,8 +3,11 @@
 //! RAM, MSI/MSI-X vectors, BAR placement in the 32-bit hole, direct BAR mappings as
 //! KVM memory slots, and the function on PCI bus 0.
 //!
-//! Not wired yet: INTx (needs interrupt routing entries for PCI devices in the MP
-//! table; the device model supports it through `IntxLine`), I/O BARs, iommufd.
+//! A function with an interrupt pin also gets INTx: an IOAPIC pin of its own
+//! ([`crate::intx`]), advertised in its configuration space and returned for the MP
+//! table, so a guest that enables neither MSI nor MSI-X still gets interrupts.
+//!
+//! Not wired: I/O BARs (hidden from the guest).
 
 use std::sync::{Arc, Mutex};
 
@@ -25,8 +28,10 @@ use kvm_ioctls::VmFd;
 use log::{info, warn};
 use thiserror::Error;
 
+use crate::boot::mptable::PciIntx;
 use crate::config::SandboxConfig;
 use crate::interrupts::{DeviceVectors, GsiRoutes, InterruptError};
+use crate::intx::{IntxError, IntxPins, KvmIntxLine};
 use crate::layout::{IOAPIC_ADDR, MMIO_HOLE_START};
 use crate::memory::GuestRam;
 use crate::pci_devices::KvmBarMapper;
@@ -66,6 +71,14 @@ pub enum VfioError {
         id: String,
         /// The failure.
         source: InterruptError,
+    },
+    /// No legacy interrupt line could be wired.
+    #[error("vfio {id}: {source}")]
+    Intx {
+        /// Device id.
+        id: String,
+        /// The failure.
+        source: IntxError,
     },
     /// A BAR does not fit.
     #[error("vfio {id}: BAR {bar} ({size:#x} bytes) does not fit in the 32-bit MMIO hole or the PCI bus is full")]
@@ -191,18 +204,22 @@ pub struct Placement<'a> {
     pub mmio: &'a mut BusBuilder,
     /// Follows guest BAR moves.
     pub bar_mapper: &'a Arc<KvmBarMapper>,
+    /// IOAPIC pins for INTx.
+    pub intx_pins: &'a mut IntxPins,
 }
 
 /// Opens every `[[vfio]]` device and puts it on bus 0. Devices are released (reset)
-/// when the buses holding them are dropped at VM stop.
+/// when the buses holding them are dropped at VM stop. Returns the legacy interrupt
+/// routing of the devices that have INTx, for the MP table.
 pub fn attach(
     config: &SandboxConfig,
     vm: &Arc<VmFd>,
     ram: &GuestRam,
     at: Placement<'_>,
-) -> Result<(), VfioError> {
+) -> Result<Vec<PciIntx>, VfioError> {
+    let mut routing = Vec::new();
     if config.vfio.is_empty() {
-        return Ok(());
+        return Ok(routing);
     }
     let reports = preflight(config)?;
     let container =
@@ -260,17 +277,26 @@ pub fn attach(
                     size: bar.size,
                 })?;
         }
+        let intx = if probe.has_intx {
+            let intx_err = |source| VfioError::Intx {
+                id: id.clone(),
+                source,
+            };
+            let gsi = at.intx_pins.allocate().map_err(intx_err)?;
+            let line = KvmIntxLine::new(Arc::clone(vm), gsi).map_err(intx_err)?;
+            Some(Arc::new(line) as Arc<dyn keel_devices::vfio::irq::IntxLine>)
+        } else {
+            None
+        };
+        let gsi = intx.as_ref().map(|l| l.line());
         let mut function = VfioPciDevice::new(
             id.clone(),
             backend,
             &probe,
-            DeviceWiring {
-                router,
-                intx: None,
-                bars,
-            },
+            DeviceWiring { router, intx, bars },
         )
         .map_err(dev_err)?;
+        let pin = function.intx_pin();
         function.hold(Arc::clone(&session));
         function.set_bar_mapper(at.bar_mapper.clone(), window.clone());
         next_slot += function
@@ -297,8 +323,15 @@ pub fn attach(
             size: 0,
         })?;
         info!("vfio {id}: PCI 00:{slot:02x}.0");
+        if let (Some(pin), Some(gsi)) = (pin, gsi) {
+            info!(
+                "vfio {id}: INT{} -> IOAPIC pin {gsi}",
+                char::from(b'A' + pin.saturating_sub(1))
+            );
+            routing.push(PciIntx { slot, pin, gsi });
+        }
     }
-    Ok(())
+    Ok(routing)
 }
 
 #[cfg(test)]

@@ -108,6 +108,15 @@ impl Msix {
         self.sync_all();
     }
 
+    /// Per vector, whether the guest masked it (its mask bit or the function mask).
+    pub fn masked_vectors(&self) -> Vec<bool> {
+        let function = self.control & CONTROL_FUNCTION_MASK != 0;
+        self.entries
+            .iter()
+            .map(|e| function || e.control & ENTRY_MASKED != 0)
+            .collect()
+    }
+
     /// The message of `vector` if it may be delivered now.
     fn deliverable(&self, vector: usize) -> Option<MsiMessage> {
         let e = self.entries.get(vector)?;
@@ -296,6 +305,19 @@ pub(crate) mod tests {
         let mut d = [0u8; 4];
         m.read_table(MSIX_ENTRY_SIZE + 8, &mut d);
         assert_eq!(u32::from_le_bytes(d), 0x31);
+    }
+
+    #[test]
+    fn masked_vectors_follow_entry_and_function_masks() {
+        let r = RecordingRouter::new(3);
+        let mut m = Msix::new(r);
+        assert_eq!(m.masked_vectors(), vec![true; 3], "masked at reset");
+        m.write_table(MSIX_ENTRY_SIZE + 12, &0u32.to_le_bytes());
+        assert_eq!(m.masked_vectors(), vec![true, false, true]);
+        m.set_control(CONTROL_ENABLE | CONTROL_FUNCTION_MASK);
+        assert_eq!(m.masked_vectors(), vec![true; 3]);
+        m.set_control(CONTROL_ENABLE);
+        assert_eq!(m.masked_vectors(), vec![true, false, true]);
     }
 
     #[test]

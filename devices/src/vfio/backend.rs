@@ -148,6 +148,18 @@ pub trait VfioBackend: Send + Sync {
     /// Signals interrupts `0..fds.len()` of `kind` on `fds` (`VFIO_DEVICE_SET_IRQS`,
     /// `DATA_EVENTFD | ACTION_TRIGGER`).
     fn enable_irq(&self, kind: IrqKind, fds: &[&EventFd]) -> Result<(), BackendError>;
+    /// Sets the eventfds of interrupts `start..start + fds.len()` of `kind` one by
+    /// one: `Some(fd)` signals that vector on `fd`, `None` stops signalling it (the
+    /// host masks the vector in the device; it then latches a pending bit). Enables
+    /// the index first if needed (`VFIO_DEVICE_SET_IRQS`, `DATA_EVENTFD |
+    /// ACTION_TRIGGER`, -1 for `None`). vfio-pci has no MASK/UNMASK action for MSI
+    /// and MSI-X, so this is how a single vector is masked on the device.
+    fn set_irq_triggers(
+        &self,
+        kind: IrqKind,
+        start: u32,
+        fds: &[Option<&EventFd>],
+    ) -> Result<(), BackendError>;
     /// Stops signalling interrupts of `kind`.
     fn disable_irq(&self, kind: IrqKind) -> Result<(), BackendError>;
     /// Unmasks INTx whenever `fd` is written (`ACTION_UNMASK` with an eventfd: the

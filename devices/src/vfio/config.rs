@@ -36,7 +36,8 @@ pub const NUM_BARS: usize = 6;
 const REG_COMMAND: usize = 1;
 const REG_BAR0: usize = 4;
 const REG_CAP_PTR: usize = 13;
-const REG_INTERRUPT: usize = 15;
+/// Register (dword index) of interrupt line (byte 0) and pin (byte 1).
+pub const REG_INTERRUPT: usize = 15;
 
 /// Command bits that reach the device: memory space, bus master, INTx disable.
 pub const COMMAND_PASS: u32 = 0x0406;

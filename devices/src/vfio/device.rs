@@ -11,6 +11,7 @@ use super::bars::{self, DirectArea, SlotMapper};
 use super::caps::{MsiCap, MsixCap};
 use super::config::{
     describe_bars, BarDesc, ConfigError, VfioConfig, COMMAND_MEMORY, LEGACY_SIZE, NUM_BARS,
+    REG_INTERRUPT,
 };
 use super::irq::{Interrupts, IntxLine, MsiState};
 use crate::bus::BusDevice;
@@ -181,6 +182,13 @@ impl VfioPciDevice {
             .collect()
     }
 
+    /// The interrupt pin the guest sees (1 = INTA .. 4 = INTD), None when INTx is
+    /// not wired (the pin reads 0).
+    pub fn intx_pin(&self) -> Option<u8> {
+        let pin = (self.config.virt(REG_INTERRUPT) >> 8) as u8;
+        (pin != 0).then_some(pin)
+    }
+
     /// The armed interrupt mode.
     pub fn irq_mode(&self) -> super::irq::IrqMode {
         self.irqs.mode()
@@ -330,6 +338,26 @@ impl VfioPciDevice {
         self.msix.as_ref().is_some_and(|(_, m)| m.enabled())
     }
 
+    /// A guest read of the MSI-X PBA at `offset` of its BAR: the device's pending
+    /// bits, for the vectors masked on the device (the others are delivered as they
+    /// fire, so a pending bit there is transient). Bytes past the PBA read as zero.
+    fn read_pba(&self, cap: &MsixCap, offset: u64, data: &mut [u8]) {
+        let mut device = vec![0u8; data.len()];
+        self.backend
+            .read_region(u32::from(cap.pba_bar), offset, &mut device);
+        let first_bit = (offset - cap.pba_offset) * 8;
+        for (i, (out, dev)) in data.iter_mut().zip(&device).enumerate() {
+            *out = 0;
+            for bit in 0..8u64 {
+                let v = first_bit + i as u64 * 8 + bit;
+                let off = usize::try_from(v).is_ok_and(|v| self.irqs.msix_off(v));
+                if off && v < u64::from(cap.vectors) && dev & (1 << bit) != 0 {
+                    *out |= 1 << bit;
+                }
+            }
+        }
+    }
+
     /// Reads from BAR `bar` at `offset` (a trapped access).
     pub fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         if let Some((cap, msix)) = &self.msix {
@@ -342,7 +370,8 @@ impl VfioPciDevice {
             if usize::from(cap.pba_bar) == bar
                 && (cap.pba_offset..cap.pba_offset + cap.pba_len()).contains(&offset)
             {
-                msix.read_pba(offset - cap.pba_offset, data);
+                let cap = *cap;
+                self.read_pba(&cap, offset, data);
                 return;
             }
         }
@@ -357,6 +386,8 @@ impl VfioPciDevice {
                 && (cap.table_offset..cap.table_offset + cap.table_len()).contains(&offset)
             {
                 msix.write_table(offset - cap.table_offset, data);
+                let masked = msix.masked_vectors();
+                self.irqs.set_msix_masks(&masked);
                 return;
             }
             if usize::from(cap.pba_bar) == bar
@@ -419,9 +450,18 @@ impl PciFunction for VfioPciDevice {
         if let Some((cap, msix)) = &mut self.msix {
             if reg == cap.offset / 4 {
                 msix.set_control(self.config.virt_word(cap.offset + 2));
+                let masked = msix.masked_vectors();
                 let msi = self.msi_state();
                 let on = self.msix_enabled();
-                self.irqs.follow(on, msi);
+                // Masks before arming (MSI-X is armed with them), after disarming
+                // (a disabled table's masks must not reach the device).
+                if on {
+                    self.irqs.set_msix_masks(&masked);
+                    self.irqs.follow(on, msi);
+                } else {
+                    self.irqs.follow(on, msi);
+                    self.irqs.set_msix_masks(&masked);
+                }
                 return;
             }
         }

@@ -18,6 +18,12 @@ pub use vfio_ioctls::VfioDeviceFd;
 const REGION_FLAG_READ: u32 = 1 << 0;
 const REGION_FLAG_WRITE: u32 = 1 << 1;
 const REGION_FLAG_MMAP: u32 = 1 << 2;
+/// `VFIO_DEVICE_SET_IRQS`: `_IO(VFIO_TYPE ';', VFIO_BASE 100 + 10)`.
+const VFIO_DEVICE_SET_IRQS: libc::c_ulong = 0x3b6e;
+const IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
+const IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
+/// Size of `struct vfio_irq_set` without its data: argsz, flags, index, start, count.
+const IRQ_SET_HEADER: usize = 5;
 
 /// The IOMMU domain shared by every passed-through device of a VM (one container;
 /// each device's group is attached to it when the device is opened).
@@ -146,6 +152,41 @@ impl VfioBackend for Device {
         self.inner
             .enable_irq(irq_index(kind), fds.to_vec())
             .map_err(|e| BackendError::new(format!("VFIO_DEVICE_SET_IRQS({kind:?}, enable)"), e))
+    }
+
+    fn set_irq_triggers(
+        &self,
+        kind: IrqKind,
+        start: u32,
+        fds: &[Option<&EventFd>],
+    ) -> Result<(), BackendError> {
+        let op = || {
+            format!(
+                "VFIO_DEVICE_SET_IRQS({kind:?}, eventfds {start}+{})",
+                fds.len()
+            )
+        };
+        let count = u32::try_from(fds.len()).map_err(|e| BackendError::new(op(), e))?;
+        // struct vfio_irq_set followed by one s32 eventfd (-1: none) per vector, as
+        // u32 words so the buffer is aligned for the kernel's reads.
+        let mut buf: Vec<u32> = Vec::with_capacity(IRQ_SET_HEADER + fds.len());
+        let argsz = u32::try_from((IRQ_SET_HEADER + fds.len()) * 4)
+            .map_err(|e| BackendError::new(op(), e))?;
+        buf.extend_from_slice(&[
+            argsz,
+            IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
+            irq_index(kind),
+            start,
+            count,
+        ]);
+        buf.extend(fds.iter().map(|fd| fd.map_or(-1, |f| f.as_raw_fd()) as u32));
+        // SAFETY: `buf` is a complete `vfio_irq_set` of `argsz` bytes that lives across
+        // the call; the kernel only reads it. The device fd is open.
+        let rc = unsafe { libc::ioctl(self.inner.as_raw_fd(), VFIO_DEVICE_SET_IRQS, buf.as_ptr()) };
+        if rc < 0 {
+            return Err(BackendError::new(op(), std::io::Error::last_os_error()));
+        }
+        Ok(())
     }
 
     fn disable_irq(&self, kind: IrqKind) -> Result<(), BackendError> {

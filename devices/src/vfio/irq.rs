@@ -16,6 +16,14 @@
 //!
 //! Only one index is armed at a time (the kernel refuses two), so switching disables
 //! the old one first.
+//!
+//! MSI-X masking reaches the device: vfio-pci has no MASK/UNMASK action for MSI-X,
+//! so a vector the guest masks (its mask bit or the function mask) has its trigger
+//! eventfd removed (`set_irq_triggers` with None), which makes the host mask the
+//! vector in the device's real table; the device then latches its pending bit, which
+//! the guest reads through the emulated PBA ([`Interrupts::msix_off`]). Unmasking
+//! puts the eventfd back; the host unmasks the vector and the device sends the
+//! pending message. Only vectors whose state changed are touched.
 
 use std::sync::Arc;
 
@@ -72,6 +80,11 @@ pub struct Interrupts {
     msix_vectors: u32,
     mode: IrqMode,
     msi_routed: Vec<Option<MsiMessage>>,
+    /// MSI-X vectors the guest has masked.
+    msix_masked: Vec<bool>,
+    /// MSI-X vectors whose trigger eventfd is set in VFIO (all false unless MSI-X
+    /// is armed).
+    msix_armed: Vec<bool>,
 }
 
 impl Interrupts {
@@ -92,6 +105,8 @@ impl Interrupts {
             msix_vectors,
             mode: IrqMode::Off,
             msi_routed: vec![None; n],
+            msix_masked: vec![true; msix_vectors as usize],
+            msix_armed: vec![false; msix_vectors as usize],
         }
     }
 
@@ -137,6 +152,7 @@ impl Interrupts {
             IrqMode::Msix => self.backend.disable_irq(IrqKind::Msix)?,
         }
         self.mode = IrqMode::Off;
+        self.msix_armed.fill(false);
         match want {
             IrqMode::Off => {}
             IrqMode::Intx => {
@@ -159,7 +175,7 @@ impl Interrupts {
             }
             IrqMode::Msix => {
                 let fds = self.fds(self.msix_vectors);
-                if fds.len() != self.msix_vectors as usize {
+                if fds.len() != self.msix_vectors as usize || fds.is_empty() {
                     return Err(BackendError::new(
                         "VFIO_DEVICE_SET_IRQS(MSI-X)",
                         format!(
@@ -169,12 +185,84 @@ impl Interrupts {
                         ),
                     ));
                 }
-                self.backend.enable_irq(IrqKind::Msix, &fds)?;
+                // Enabled with the guest's masks already applied: masked vectors
+                // never fire on the host.
+                let wanted: Vec<Option<&EventFd>> = fds
+                    .iter()
+                    .zip(&self.msix_masked)
+                    .map(|(fd, &masked)| (!masked).then_some(*fd))
+                    .collect();
+                self.backend.set_irq_triggers(IrqKind::Msix, 0, &wanted)?;
+                for (armed, masked) in self.msix_armed.iter_mut().zip(&self.msix_masked) {
+                    *armed = !masked;
+                }
             }
         }
         self.mode = want;
         debug!("{}: interrupts {old:?} -> {want:?}", self.name);
         Ok(())
+    }
+
+    /// Applies the guest's MSI-X masks (one flag per table entry; missing entries
+    /// count as masked). While MSI-X is armed, each vector whose state changed gets
+    /// its trigger removed or restored on the device, in runs of adjacent vectors.
+    pub fn set_msix_masks(&mut self, masked: &[bool]) {
+        for (v, m) in self.msix_masked.iter_mut().enumerate() {
+            *m = masked.get(v).copied().unwrap_or(true);
+        }
+        if self.mode != IrqMode::Msix {
+            return;
+        }
+        let n = self.msix_masked.len();
+        let mut v = 0;
+        while v < n {
+            if self.msix_armed[v] != self.msix_masked[v] {
+                v += 1;
+                continue;
+            }
+            let start = v;
+            while v < n && self.msix_armed[v] == self.msix_masked[v] {
+                v += 1;
+            }
+            let wanted: Vec<Option<&EventFd>> = (start..v)
+                .map(|i| {
+                    if self.msix_masked[i] {
+                        None
+                    } else {
+                        self.router.eventfd(i)
+                    }
+                })
+                .collect();
+            if wanted
+                .iter()
+                .zip(start..v)
+                .any(|(fd, i)| fd.is_none() && !self.msix_masked[i])
+            {
+                warn!("{}: MSI-X vectors {start}..{v}: no eventfd", self.name);
+                continue;
+            }
+            match self
+                .backend
+                .set_irq_triggers(IrqKind::Msix, start as u32, &wanted)
+            {
+                Ok(()) => {
+                    for i in start..v {
+                        self.msix_armed[i] = !self.msix_masked[i];
+                    }
+                    debug!("{}: MSI-X vectors {start}..{v} (un)masked", self.name);
+                }
+                Err(e) => warn!(
+                    "{}: cannot change the mask of MSI-X vectors {start}..{v}: {e}",
+                    self.name
+                ),
+            }
+        }
+    }
+
+    /// Whether MSI-X vector `v` is masked on the device (armed, trigger removed):
+    /// only such a vector can have a pending bit worth showing the guest.
+    pub fn msix_off(&self, v: usize) -> bool {
+        self.mode == IrqMode::Msix && !self.msix_armed.get(v).copied().unwrap_or(true)
     }
 
     /// Arms what the guest state asks for; failures are logged (the guest then sees

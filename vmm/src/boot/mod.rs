@@ -110,6 +110,8 @@ pub struct BootSpec<'a> {
     pub cmdline: &'a str,
     /// Number of vCPUs (for the MP table).
     pub vcpus: u8,
+    /// Legacy interrupts of PCI functions (MP table routing entries).
+    pub pci_intx: &'a [mptable::PciIntx],
 }
 
 /// A loaded initramfs.
@@ -216,7 +218,7 @@ pub fn load(ram: &GuestRam, spec: &BootSpec<'_>) -> Result<BootEntry, BootError>
 
     write_gdt(mem)?;
     paging::write_identity_map(mem)?;
-    mptable::write(mem, spec.vcpus)?;
+    mptable::write(mem, spec.vcpus, spec.pci_intx)?;
     let e820 = e820_map(ram);
     match entry.protocol {
         BootProtocol::Linux64 => {
@@ -374,6 +376,7 @@ mod tests {
                 initramfs: Some(&initrd),
                 cmdline: "console=ttyS0 quiet",
                 vcpus: 2,
+                pci_intx: &[],
             },
         )
         .unwrap();
@@ -436,6 +439,7 @@ mod tests {
                     initramfs: None,
                     cmdline: "",
                     vcpus: 1,
+                    pci_intx: &[],
                 },
             );
             assert!(r.is_err(), "{name} loaded");
@@ -454,6 +458,7 @@ mod tests {
                 initramfs: Some(&initrd),
                 cmdline: "",
                 vcpus: 1,
+                pci_intx: &[],
             },
         );
         assert!(matches!(r, Err(BootError::InitramfsTooBig { .. })), "{r:?}");

@@ -1,6 +1,7 @@
 //! A fake VFIO device, router, INTx line and mappers that record what they are told.
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
@@ -59,6 +60,10 @@ pub struct FakeDevice {
     pub region_writes: Mutex<Vec<(u32, u64, Vec<u8>)>>,
     pub irq_counts: HashMap<IrqKind, u32>,
     pub calls: Mutex<Vec<String>>,
+    /// Raw fds of every eventfd handed over: ("trigger Intx", fd), ("resample", fd).
+    pub fds: Mutex<Vec<(String, RawFd)>>,
+    /// Fails `set_irq_triggers` while set.
+    pub fail_triggers: std::sync::atomic::AtomicBool,
 }
 
 impl FakeDevice {
@@ -84,6 +89,8 @@ impl FakeDevice {
                 (IrqKind::Msix, irqs[2]),
             ]),
             calls: Mutex::new(Vec::new()),
+            fds: Mutex::new(Vec::new()),
+            fail_triggers: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -196,6 +203,38 @@ impl VfioBackend for FakeDevice {
 
     fn enable_irq(&self, kind: IrqKind, fds: &[&EventFd]) -> Result<(), BackendError> {
         self.call(format!("enable {kind:?} {}", fds.len()));
+        let mut log = self.fds.lock().unwrap();
+        log.extend(
+            fds.iter()
+                .map(|f| (format!("trigger {kind:?}"), f.as_raw_fd())),
+        );
+        Ok(())
+    }
+
+    /// Recorded as "triggers KIND START PATTERN", '+' an eventfd, '-' none.
+    fn set_irq_triggers(
+        &self,
+        kind: IrqKind,
+        start: u32,
+        fds: &[Option<&EventFd>],
+    ) -> Result<(), BackendError> {
+        if self.fail_triggers.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(BackendError::new("VFIO_DEVICE_SET_IRQS", "EINVAL"));
+        }
+        let pattern: String = fds
+            .iter()
+            .map(|f| if f.is_some() { '+' } else { '-' })
+            .collect();
+        self.call(format!("triggers {kind:?} {start} {pattern}"));
+        let mut log = self.fds.lock().unwrap();
+        for (i, f) in fds.iter().enumerate() {
+            if let Some(f) = f {
+                log.push((
+                    format!("trigger {kind:?} {}", start as usize + i),
+                    f.as_raw_fd(),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -204,8 +243,12 @@ impl VfioBackend for FakeDevice {
         Ok(())
     }
 
-    fn set_intx_resample(&self, _fd: &EventFd) -> Result<(), BackendError> {
+    fn set_intx_resample(&self, fd: &EventFd) -> Result<(), BackendError> {
         self.call("resample Intx".to_owned());
+        self.fds
+            .lock()
+            .unwrap()
+            .push(("resample".to_owned(), fd.as_raw_fd()));
         Ok(())
     }
 

@@ -92,7 +92,11 @@ fn msix_table_writes_route_vectors_to_their_gsis() {
     );
     // Enable MSI-X (control at 0x72).
     cfg16(f, 0x72, 0x8000);
-    assert_eq!(s.dev.take_calls(), vec!["disable Intx", "enable Msix 10"]);
+    assert_eq!(
+        s.dev.take_calls(),
+        vec!["disable Intx", "triggers Msix 0 +--+------"],
+        "MSI-X armed with the guest's masks: only vectors 0 and 3 signal"
+    );
     assert_eq!(f.irq_mode(), IrqMode::Msix);
     let mut routes = s.router.take();
     routes.sort_by_key(|r| r.0);
@@ -113,6 +117,11 @@ fn msix_table_writes_route_vectors_to_their_gsis() {
             (FIRST_GSI + 3, None)
         ]
     );
+    assert_eq!(
+        s.dev.take_calls(),
+        vec!["triggers Msix 3 -"],
+        "the mask reaches the device"
+    );
     let mut d = [0u8; 4];
     f.bar_read(3, 3 * 16 + 8, &mut d);
     assert_eq!(
@@ -123,6 +132,7 @@ fn msix_table_writes_route_vectors_to_their_gsis() {
     // Function mask, then disable: routes removed, INTx back.
     cfg16(f, 0x72, 0xc000);
     assert_eq!(s.router.take(), vec![(FIRST_GSI, None)]);
+    assert_eq!(s.dev.take_calls(), vec!["triggers Msix 0 -"]);
     cfg16(f, 0x72, 0x0000);
     assert_eq!(
         s.dev.take_calls(),
@@ -154,7 +164,13 @@ fn msi_vectors_follow_the_capability() {
     assert_eq!(s.router.take().len(), 4);
     // MSI-X wins over MSI.
     cfg16(f, 0xb2, 0x8000);
-    assert_eq!(s.dev.take_calls(), vec!["disable Msi", "enable Msix 33"]);
+    assert_eq!(
+        s.dev.take_calls(),
+        vec![
+            "disable Msi",
+            "triggers Msix 0 ---------------------------------"
+        ]
+    );
     assert_eq!(
         s.router.take(),
         (0..4).map(|v| (FIRST_GSI + v, None)).collect::<Vec<_>>(),

@@ -6,3 +6,4 @@ mod dma_map;
 mod fake;
 mod function;
 mod host_checks;
+mod masking;
