@@ -368,6 +368,11 @@ struct Bench {
 impl Bench {
     /// Ports p0..pN with the given MACs; each RX queue gets 16 chains of 2 KiB.
     fn new(macs: &[Option<[u8; 6]>]) -> Bench {
+        Bench::with_pairs(macs, 1)
+    }
+
+    /// Like [`Bench::new`], with `pairs` queue pairs per port (at most 2 ports then).
+    fn with_pairs(macs: &[Option<[u8; 6]>], pairs: u16) -> Bench {
         let mem = GuestMemoryAtomic::new(memory());
         let switch = Switch::new(Duration::from_secs(300));
         let mut ports = Vec::new();
@@ -377,10 +382,23 @@ impl Bench {
                     name: format!("p{i}"),
                     socket: format!("/nonexistent/p{i}.sock").into(),
                     mac: mac.map(Mac),
+                    queues: pairs,
                     ..PortConfig::default()
                 })
                 .unwrap();
             port.set_features(FEATURES);
+            for pair in 0..usize::from(pairs) {
+                let k = i * usize::from(pairs) + pair;
+                port.attach(pair, Bench::rx_queue(&mem, k));
+            }
+            ports.push(port);
+        }
+        Bench { switch, mem, ports }
+    }
+
+    /// RX queue number `i` of the bench (its own ring and buffers).
+    fn rx_queue(mem: &GuestMemoryAtomic<GuestMemoryMmap>, i: usize) -> RxTarget {
+        {
             let base = 0x1_0000 * i as u64;
             let guard = mem.memory();
             let mock = MockSplitQueue::create(&*guard, GuestAddress(base), QS);
@@ -398,20 +416,20 @@ impl Bench {
                 .unwrap();
             vring.set_queue_ready(true);
             vring.set_enabled(true);
-            port.attach(
-                0,
-                RxTarget {
-                    vring,
-                    mem: mem.clone(),
-                },
-            );
-            ports.push(port);
+            RxTarget {
+                vring,
+                mem: mem.clone(),
+            }
         }
-        Bench { switch, mem, ports }
     }
 
-    /// Port `from` sends `frames`.
+    /// Port `from` sends `frames` on its first queue pair.
     fn send(&self, from: usize, frames: &[Vec<u8>]) {
+        self.send_on(from, 0, frames);
+    }
+
+    /// Port `from` sends `frames` on queue pair `pair`.
+    fn send_on(&self, from: usize, pair: usize, frames: &[Vec<u8>]) {
         let guard = self.mem.memory();
         let mock = MockSplitQueue::create(&*guard, GuestAddress(0x30_0000), 64);
         let mut chains = Vec::new();
@@ -426,7 +444,7 @@ impl Bench {
         net::pop_tx(&mut q, &guard.clone().into_inner(), HDR_LEN, &mut batch, 64).unwrap();
         let mut scratch = ForwardScratch::default();
         self.switch
-            .forward(&self.ports[from], 0, &batch, &mut scratch);
+            .forward(&self.ports[from], pair, &batch, &mut scratch);
         net::release_tx(&mut q, &mut batch);
     }
 
@@ -484,6 +502,34 @@ fn switch_drops_spoofed_and_hostile_frames_and_counts_them() {
     // Runts count as short.
     b.send(0, &[vec![0u8; 10]]);
     assert_eq!(b.counters(0).drop_short, 1);
+}
+
+#[test]
+fn queue_pairs_have_their_own_counters_that_add_up_to_the_port_totals() {
+    let b = Bench::with_pairs(&[Some(A), None], 2);
+    // Pair 1 of p0 sends two frames and a spoofed one: they land on p1's pair 1.
+    b.send_on(0, 1, &[frame(B, A, 60), frame(B, A, 100), frame(B, C, 60)]);
+    // Pair 0 sends 20: 16 fit p1's pair 0 RX ring, 4 find no buffer.
+    let many: Vec<Vec<u8>> = (0..20).map(|_| frame(B, A, 60)).collect();
+    b.send_on(0, 0, &many);
+    let s0 = b.ports[0].stats();
+    let s1 = b.ports[1].stats();
+    assert_eq!(s0.pairs.len(), 2);
+    let (t0, t1) = (s0.pairs[0], s0.pairs[1]);
+    assert_eq!((t0.tx_packets, t0.tx_bytes, t0.tx_drops), (20, 1200, 0));
+    assert_eq!((t1.tx_packets, t1.tx_bytes, t1.tx_drops), (2, 160, 1));
+    let (r0, r1) = (s1.pairs[0], s1.pairs[1]);
+    assert_eq!((r0.rx_packets, r0.rx_bytes, r0.rx_drops), (16, 960, 4));
+    assert_eq!((r1.rx_packets, r1.rx_bytes, r1.rx_drops), (2, 160, 0));
+    assert_eq!((r0.tx_packets, r1.tx_packets), (0, 0));
+    // Port totals are the sums.
+    assert_eq!(s0.counters.tx_packets, t0.tx_packets + t1.tx_packets);
+    assert_eq!(s1.counters.rx_packets, r0.rx_packets + r1.rx_packets);
+    assert_eq!(s1.counters.drop_rx_no_buffer, 4);
+    // The JSON the control socket sends has the pairs under "pairs".
+    let v = serde_json::to_value(&s1).unwrap();
+    assert_eq!(v["pairs"][1]["rx_packets"], 2);
+    assert_eq!(v["rx_packets"], 18);
 }
 
 #[test]

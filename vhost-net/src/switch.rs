@@ -136,6 +136,67 @@ impl Counters {
     }
 }
 
+/// Counters of one queue pair: its TX ring (frames the frontend sent on it) and its
+/// RX ring (frames the switch wrote into it).
+#[derive(Debug, Default)]
+pub struct PairCounters {
+    tx_packets: AtomicU64,
+    tx_bytes: AtomicU64,
+    tx_drops: AtomicU64,
+    rx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+    rx_drops: AtomicU64,
+}
+
+/// A copy of one queue pair's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PairSnapshot {
+    /// The queue pair (0 is the first; its rings are virtqueues 0 and 1).
+    pub pair: usize,
+    /// Frames taken from this pair's TX ring and switched.
+    pub tx_packets: u64,
+    /// Their bytes (Ethernet frames, without the virtio-net header).
+    pub tx_bytes: u64,
+    /// Frames taken from this pair's TX ring and dropped (bad chain, spoofed source,
+    /// rate limit).
+    pub tx_drops: u64,
+    /// Frames written to this pair's RX ring.
+    pub rx_packets: u64,
+    /// Their bytes.
+    pub rx_bytes: u64,
+    /// Frames for this pair's RX ring dropped there (no buffer, too big, bad chain,
+    /// offload the port did not negotiate).
+    pub rx_drops: u64,
+}
+
+impl PairCounters {
+    fn tx(&self, packets: u64, bytes: u64, drops: u64) {
+        Counters::add(&self.tx_packets, packets);
+        Counters::add(&self.tx_bytes, bytes);
+        Counters::add(&self.tx_drops, drops);
+    }
+
+    fn rx(&self, packets: u64, bytes: u64, drops: u64) {
+        Counters::add(&self.rx_packets, packets);
+        Counters::add(&self.rx_bytes, bytes);
+        Counters::add(&self.rx_drops, drops);
+    }
+
+    /// A copy of the counters, labelled as pair `pair`.
+    pub fn snapshot(&self, pair: usize) -> PairSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        PairSnapshot {
+            pair,
+            tx_packets: g(&self.tx_packets),
+            tx_bytes: g(&self.tx_bytes),
+            tx_drops: g(&self.tx_drops),
+            rx_packets: g(&self.rx_packets),
+            rx_bytes: g(&self.rx_bytes),
+            rx_drops: g(&self.rx_drops),
+        }
+    }
+}
+
 /// A port's RX queue, reachable from other ports' worker threads.
 #[derive(Clone)]
 pub struct RxTarget {
@@ -153,6 +214,8 @@ pub struct Port {
     pub cfg: PortConfig,
     /// Its counters.
     pub counters: Counters,
+    /// Counters of each queue pair (as many as configured; an uplink has one).
+    pairs: Box<[PairCounters]>,
     features: AtomicU64,
     connected: AtomicBool,
     removed: AtomicBool,
@@ -183,9 +246,11 @@ pub struct PortStats {
     pub rate_pps: u64,
     /// Features the frontend negotiated.
     pub features: u64,
-    /// Counters.
+    /// Counters (port totals).
     #[serde(flatten)]
     pub counters: CounterSnapshot,
+    /// Counters of each queue pair.
+    pub pairs: Vec<PairSnapshot>,
 }
 
 impl Port {
@@ -194,6 +259,9 @@ impl Port {
         Port {
             id,
             counters: Counters::default(),
+            pairs: (0..cfg.queues.max(1))
+                .map(|_| PairCounters::default())
+                .collect(),
             features: AtomicU64::new(0),
             connected: AtomicBool::new(false),
             removed: AtomicBool::new(false),
@@ -214,6 +282,15 @@ impl Port {
         }
         p.connected.store(true, Ordering::Relaxed);
         p
+    }
+
+    /// The counters of queue pair `pair` (pair 0's for an index out of range).
+    pub fn pair(&self, pair: usize) -> &PairCounters {
+        // `pairs` has at least one entry (see `new`).
+        match self.pairs.get(pair) {
+            Some(p) => p,
+            None => &self.pairs[0],
+        }
     }
 
     /// The TAP device of an uplink port.
@@ -290,6 +367,12 @@ impl Port {
             rate_pps: self.limiter.get().1,
             features: self.features(),
             counters: self.counters.snapshot(),
+            pairs: self
+                .pairs
+                .iter()
+                .enumerate()
+                .map(|(i, p)| p.snapshot(i))
+                .collect(),
         }
     }
 
@@ -345,6 +428,7 @@ impl Port {
             Counters::add(&c.drop_rx_no_buffer, full);
             Counters::add(&c.drop_rx_not_ready, failed);
             Counters::add(&c.drop_rx_offload, offl);
+            self.pair(0).rx(ok, bytes, full + failed + offl);
             return;
         }
         let unicast = || frames.iter().filter(|(_, u)| *u).count() as u64;
@@ -358,11 +442,11 @@ impl Port {
             };
             let state = t.vring.get_mut();
             if state.get_queue().ready() && state.is_enabled() {
-                chosen = Some((t, state));
+                chosen = Some(((pref + k) % n, t, state));
                 break;
             }
         }
-        let Some((t, mut state)) = chosen else {
+        let Some((pair, t, mut state)) = chosen else {
             Counters::add(&c.drop_rx_not_ready, unicast());
             return;
         };
@@ -371,6 +455,7 @@ impl Port {
         let q = state.get_queue_mut();
         let Some(mut w) = RxWriter::new(q, &mem) else {
             Counters::add(&c.drop_rx_bad_descriptor, frames.len() as u64);
+            self.pair(pair).rx(0, 0, frames.len() as u64);
             return;
         };
         let (mut ok, mut bytes, mut no_buf, mut too_big, mut bad, mut offl) =
@@ -416,6 +501,7 @@ impl Port {
         Counters::add(&c.drop_rx_too_big, too_big);
         Counters::add(&c.drop_rx_bad_descriptor, bad);
         Counters::add(&c.drop_rx_offload, offl);
+        self.pair(pair).rx(ok, bytes, no_buf + too_big + bad + offl);
     }
 
     /// Writes a frame whose sender negotiated offloads; `None` when this receiver
@@ -683,7 +769,8 @@ impl Switch {
         let mut budget = src.limiter.begin();
         let c = &src.counters;
         s.dest.clear();
-        let (mut pkts, mut bytes, mut spoofed, mut limited) = (0u64, 0u64, 0u64, 0u64);
+        let (mut pkts, mut bytes, mut spoofed, mut limited, mut bad) =
+            (0u64, 0u64, 0u64, 0u64, 0u64);
         let mut any = false;
         // Frames of a batch mostly share source and destination: learn and look up
         // once per run of equal addresses.
@@ -694,6 +781,7 @@ impl Switch {
                 Ok(r) => r,
                 Err(why) => {
                     c.tx_drop(*why);
+                    bad += 1;
                     s.dest.push(Dest::Drop);
                     continue;
                 }
@@ -743,6 +831,7 @@ impl Switch {
         Counters::add(&c.tx_bytes, bytes);
         Counters::add(&c.drop_spoofed, spoofed);
         Counters::add(&c.drop_rate_limit, limited);
+        src.pair(queue).tx(pkts, bytes, bad + spoofed + limited);
         if let Some(b) = budget {
             src.limiter.end(b);
         }

@@ -301,8 +301,44 @@ fn queue_pairs_pinned_workers_and_rate_limits() {
 
     // Both of the frontend's TX queues were served.
     let log = tx.stop();
-    for q in 0..2 {
-        let n = stream_tx(&log, q).unwrap_or_else(|| panic!("no stream {q}:\n{log}"));
-        assert!(n > 10_000, "queue {q} sent {n}:\n{log}");
+    let s0 = be.port("p0");
+    let pairs = s0["pairs"].as_array().unwrap();
+    assert_eq!(pairs.len(), 2, "{s0}");
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap();
+    for (q, p) in pairs.iter().enumerate() {
+        let sent = stream_tx(&log, q).unwrap_or_else(|| panic!("no stream {q}:\n{log}"));
+        assert!(sent > 10_000, "queue {q} sent {sent}:\n{log}");
+        // Per-pair counters: what keel took from TX ring q (switched or dropped) is
+        // what testpmd put on it, less at most one ring's worth still queued when
+        // testpmd stopped.
+        assert_eq!(n(p, "pair"), q as u64);
+        let taken = n(p, "tx_packets") + n(p, "tx_drops");
+        assert!(
+            taken <= sent && taken + 1024 >= sent,
+            "pair {q}: keel took {taken}, testpmd sent {sent}: {p}"
+        );
+        assert!(n(p, "tx_packets") > 10_000, "pair {q}: {p}");
+        assert_eq!(n(p, "tx_bytes"), 64 * n(p, "tx_packets"), "pair {q}: {p}");
     }
+    // The port totals are the sums of the pairs'.
+    let sum = |k: &str| pairs.iter().map(|p| n(p, k)).sum::<u64>();
+    assert_eq!(sum("tx_packets"), n(&s0, "tx_packets"), "{s0}");
+    assert_eq!(sum("tx_bytes"), n(&s0, "tx_bytes"), "{s0}");
+    let tx_drops: u64 = [
+        "drop_spoofed",
+        "drop_short",
+        "drop_oversize",
+        "drop_bad_descriptor",
+        "drop_rate_limit",
+    ]
+    .iter()
+    .map(|k| n(&s0, k))
+    .sum();
+    assert_eq!(sum("tx_drops"), tx_drops, "{s0}");
+    // p1 has one pair: it received everything p1 did.
+    let s1 = be.port("p1");
+    let p1 = &s1["pairs"][0];
+    assert_eq!(n(p1, "rx_packets"), n(&s1, "rx_packets"), "{s1}");
+    assert!(n(p1, "rx_packets") > 0, "{s1}");
+    assert!(s1["pairs"].as_array().unwrap().len() == 1, "{s1}");
 }
