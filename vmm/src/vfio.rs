@@ -22,7 +22,8 @@ use keel_devices::vfio::device::{
 use keel_devices::vfio::dma::{ranges_of, DmaError, DmaMappings};
 use keel_devices::vfio::ioctls::{Container, VfioDeviceFd};
 use keel_devices::vfio::preflight::{
-    check_device, check_memlock, numa_mismatch, DeviceReport, HostPaths, Memlock, PreflightError,
+    check_device, check_device_with, check_memlock, numa_mismatch, DeviceReport, HostPaths,
+    IommuPath, Memlock, PreflightError,
 };
 use kvm_ioctls::VmFd;
 use log::{info, warn};
@@ -113,7 +114,19 @@ pub fn preflight_at(
 ) -> Result<Vec<DeviceReport>, VfioError> {
     let mut reports = Vec::with_capacity(config.vfio.len());
     for dev in &config.vfio {
-        let report = check_device(paths, &dev.id, &dev.address.to_string())?;
+        reports.push(check_device(paths, &dev.id, &dev.address.to_string())?);
+    }
+    // One IOMMU interface per VM: iommufd only if every device can use it.
+    let iommufd = |r: &DeviceReport| matches!(r.iommu, IommuPath::Iommufd { .. });
+    if reports.iter().any(iommufd) && !reports.iter().all(iommufd) {
+        for (dev, report) in config.vfio.iter().zip(reports.iter_mut()) {
+            if iommufd(report) {
+                *report = check_device_with(paths, &dev.id, &dev.address.to_string(), false)?;
+            }
+        }
+    }
+    for (dev, report) in config.vfio.iter().zip(&reports) {
+        info!("vfio {}: IOMMU interface: {}", dev.id, report.iommu);
         if let Some(w) = numa_mismatch(&dev.id, report.numa_node, config.memory.numa_node) {
             warn!("{w}");
         } else if let (Some(node), None) = (report.numa_node, config.memory.numa_node) {
@@ -123,7 +136,6 @@ pub fn preflight_at(
                 dev.id
             );
         }
-        reports.push(report);
     }
     if !config.vfio.is_empty() {
         let memlock = Memlock::current().map_err(VfioError::Memlock)?;
@@ -192,6 +204,27 @@ fn kvm_vfio_device(vm: &VmFd) -> Option<VfioDeviceFd> {
     }
 }
 
+/// The VM's IOMMU domain: iommufd when the pre-flight chose it for every device
+/// (falling back to the legacy container if `/dev/iommu` cannot be opened after
+/// all), else the legacy container.
+fn open_domain(vm: &VmFd, reports: &[DeviceReport]) -> Result<Container, BackendError> {
+    let kvm_vfio = kvm_vfio_device(vm);
+    if reports
+        .iter()
+        .all(|r| matches!(r.iommu, IommuPath::Iommufd { .. }))
+    {
+        let for_legacy = kvm_vfio.as_ref().and_then(|fd| fd.try_clone().ok());
+        match Container::open_iommufd(kvm_vfio) {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                warn!("vfio: iommufd unusable ({e}); trying the legacy container");
+                return Container::open(for_legacy);
+            }
+        }
+    }
+    Container::open(kvm_vfio)
+}
+
 /// Where the VFIO devices go.
 pub struct Placement<'a> {
     /// GSI routes for the vectors.
@@ -222,13 +255,13 @@ pub fn attach(
         return Ok(routing);
     }
     let reports = preflight(config)?;
-    let container =
-        Arc::new(
-            Container::open(kvm_vfio_device(vm)).map_err(|source| VfioError::Backend {
-                id: config.vfio[0].id.clone(),
-                source,
-            })?,
-        );
+    let container = Arc::new(
+        open_domain(vm, &reports).map_err(|source| VfioError::Backend {
+            id: config.vfio[0].id.clone(),
+            source,
+        })?,
+    );
+    info!("vfio: devices opened through the {}", container.kind());
     let mut opened = Vec::new();
     for (dev, report) in config.vfio.iter().zip(&reports) {
         let device = container
@@ -344,6 +377,9 @@ mod numa_tests {
             sysfs_path: PathBuf::from("/sys/bus/pci/devices/0000:01:00.0"),
             group: 7,
             numa_node: node,
+            iommu: IommuPath::Legacy {
+                reason: "test".to_owned(),
+            },
         }
     }
 
@@ -375,5 +411,82 @@ mod numa_tests {
         );
         assert_eq!(default_numa_node(&config(None), &[report(None)]), None);
         assert_eq!(default_numa_node(&config(None), &[]), None);
+    }
+
+    /// A host tree with devices `addrs` bound to vfio-pci, each alone in group
+    /// 10 + index, /dev/iommu, and a cdev for the devices in `cdevs`.
+    fn host(root: &std::path::Path, addrs: &[&str], cdevs: &[&str]) -> HostPaths {
+        use std::fs;
+        use std::os::unix::fs::symlink;
+        let sys = root.join("sys");
+        let dev_vfio = root.join("dev/vfio");
+        fs::create_dir_all(sys.join("bus/pci/drivers/vfio-pci")).unwrap();
+        fs::create_dir_all(sys.join("bus/pci/devices")).unwrap();
+        fs::create_dir_all(dev_vfio.join("devices")).unwrap();
+        fs::write(root.join("dev/iommu"), "").unwrap();
+        for (i, addr) in addrs.iter().enumerate() {
+            let group = 10 + i;
+            let dir = sys.join("devices").join(addr);
+            let gdir = sys.join(format!("kernel/iommu_groups/{group}"));
+            fs::create_dir_all(&dir).unwrap();
+            fs::create_dir_all(gdir.join("devices")).unwrap();
+            symlink(&dir, sys.join("bus/pci/devices").join(addr)).unwrap();
+            symlink(sys.join("bus/pci/drivers/vfio-pci"), dir.join("driver")).unwrap();
+            symlink(&gdir, dir.join("iommu_group")).unwrap();
+            symlink(&dir, gdir.join("devices").join(addr)).unwrap();
+            fs::write(dev_vfio.join(group.to_string()), "").unwrap();
+            if cdevs.contains(addr) {
+                fs::create_dir_all(dir.join(format!("vfio-dev/vfio{i}"))).unwrap();
+                fs::write(dev_vfio.join(format!("devices/vfio{i}")), "").unwrap();
+            }
+        }
+        HostPaths {
+            sysfs: sys,
+            dev_vfio,
+            dev_iommu: root.join("dev/iommu"),
+        }
+    }
+
+    fn two_devices() -> SandboxConfig {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vmlinux"), b"\x7fELF").unwrap();
+        let host = crate::config::HostInfo {
+            online_cpus: vec![0, 1],
+            numa_nodes: vec![0],
+        };
+        let text = "name = \"v\"\n[memory]\nsize = \"16MiB\"\n[boot]\nkernel = \"vmlinux\"\n\
+                    [[vfio]]\nid = \"a\"\naddress = \"0000:01:00.0\"\n\
+                    [[vfio]]\nid = \"b\"\naddress = \"0000:02:00.0\"\n";
+        crate::config::parse_str_with_host(text, &dir.path().join("v.toml"), &host).unwrap()
+    }
+
+    fn is_iommufd(r: &DeviceReport) -> bool {
+        matches!(r.iommu, IommuPath::Iommufd { .. })
+    }
+
+    #[test]
+    fn one_iommu_interface_per_vm() {
+        let config = two_devices();
+        let addrs = ["0000:01:00.0", "0000:02:00.0"];
+        let both = tempfile::tempdir().unwrap();
+        let reports = preflight_at(&config, &host(both.path(), &addrs, &addrs)).unwrap();
+        assert!(reports.iter().all(is_iommufd), "{reports:?}");
+        // Only one device has a cdev: both take the legacy path, and say why.
+        let one = tempfile::tempdir().unwrap();
+        let reports = preflight_at(&config, &host(one.path(), &addrs, &addrs[..1])).unwrap();
+        assert!(!reports.iter().any(is_iommufd), "{reports:?}");
+        assert!(
+            reports[0]
+                .iommu
+                .to_string()
+                .contains("another device of the VM"),
+            "{}",
+            reports[0].iommu
+        );
+        assert!(
+            reports[1].iommu.to_string().contains("vfio-dev"),
+            "{}",
+            reports[1].iommu
+        );
     }
 }

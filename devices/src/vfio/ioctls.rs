@@ -1,7 +1,10 @@
 //! The real VFIO device: [`VfioBackend`] and [`DmaMapper`] over rust-vmm's
-//! `vfio-ioctls` (legacy container/group interface: `/dev/vfio/vfio` and
-//! `/dev/vfio/GROUP`). Kept thin: every decision is made above, in code the tests
-//! drive with a fake backend. Nothing here can run on a host without VFIO.
+//! `vfio-ioctls`, through either IOMMU interface: the legacy container/group
+//! (`/dev/vfio/vfio` and `/dev/vfio/GROUP`) or, with the `iommufd` feature, device
+//! cdevs (`/dev/vfio/devices/vfioN`) bound to an iommufd IOAS (`/dev/iommu`).
+//! Which one is chosen by [`super::preflight::select_iommu`]. Kept thin: every
+//! decision is made above, in code the tests drive with a fake backend. Nothing
+//! here can run on a host without VFIO.
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -25,10 +28,17 @@ const IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
 /// Size of `struct vfio_irq_set` without its data: argsz, flags, index, start, count.
 const IRQ_SET_HEADER: usize = 5;
 
-/// The IOMMU domain shared by every passed-through device of a VM (one container;
-/// each device's group is attached to it when the device is opened).
+enum Domain {
+    Legacy(Arc<VfioContainer>),
+    #[cfg(feature = "iommufd")]
+    Iommufd(Arc<vfio_ioctls::VfioIommufd>),
+}
+
+/// The IOMMU domain shared by every passed-through device of a VM: a VFIO
+/// container (each device's group is attached to it when the device is opened) or
+/// an iommufd IOAS (each device cdev is bound and attached to it).
 pub struct Container {
-    inner: Arc<VfioContainer>,
+    inner: Domain,
 }
 
 impl Container {
@@ -39,15 +49,53 @@ impl Container {
         let inner = VfioContainer::new(kvm_vfio.map(Arc::new))
             .map_err(|e| BackendError::new("open /dev/vfio/vfio", e))?;
         Ok(Self {
-            inner: Arc::new(inner),
+            inner: Domain::Legacy(Arc::new(inner)),
         })
     }
 
-    /// Opens the device at `sysfs_path` (`/sys/bus/pci/devices/ADDR`), attaching its
-    /// group to this container.
+    /// Opens `/dev/iommu` and allocates an IOAS; devices opened later are bound to
+    /// it through their cdev. `kvm_vfio` as for [`Container::open`] (told about each
+    /// device file instead of each group).
+    #[cfg(feature = "iommufd")]
+    pub fn open_iommufd(kvm_vfio: Option<VfioDeviceFd>) -> Result<Self, BackendError> {
+        let iommufd =
+            iommufd_ioctls::IommuFd::new().map_err(|e| BackendError::new("open /dev/iommu", e))?;
+        let inner = vfio_ioctls::VfioIommufd::new(Arc::new(iommufd), None, kvm_vfio.map(Arc::new))
+            .map_err(|e| BackendError::new("IOMMU_IOAS_ALLOC", e))?;
+        Ok(Self {
+            inner: Domain::Iommufd(Arc::new(inner)),
+        })
+    }
+
+    /// Without the `iommufd` feature: always an error (the pre-flight never picks
+    /// iommufd in such a build).
+    #[cfg(not(feature = "iommufd"))]
+    pub fn open_iommufd(_kvm_vfio: Option<VfioDeviceFd>) -> Result<Self, BackendError> {
+        Err(BackendError::new(
+            "open /dev/iommu",
+            "keel-devices was built without the `iommufd` feature",
+        ))
+    }
+
+    /// Which interface this domain uses ("legacy container" or "iommufd").
+    pub fn kind(&self) -> &'static str {
+        match &self.inner {
+            Domain::Legacy(_) => "legacy container",
+            #[cfg(feature = "iommufd")]
+            Domain::Iommufd(_) => "iommufd",
+        }
+    }
+
+    /// Opens the device at `sysfs_path` (`/sys/bus/pci/devices/ADDR`): attaches its
+    /// group to the container, or binds its cdev to the iommufd and attaches it to
+    /// the IOAS.
     pub fn open_device(&self, sysfs_path: &Path) -> Result<Device, BackendError> {
-        let ops: Arc<dyn VfioOps> = self.inner.clone();
-        let device = VfioDevice::new(sysfs_path, ops, false)
+        let (ops, attach_ioas): (Arc<dyn VfioOps>, bool) = match &self.inner {
+            Domain::Legacy(c) => (c.clone(), false),
+            #[cfg(feature = "iommufd")]
+            Domain::Iommufd(i) => (i.clone(), true),
+        };
+        let device = VfioDevice::new(sysfs_path, ops, attach_ioas)
             .map_err(|e| BackendError::new(format!("open {}", sysfs_path.display()), e))?;
         Ok(Device { inner: device })
     }
@@ -56,17 +104,29 @@ impl Container {
 impl DmaMapper for Container {
     unsafe fn map(&self, iova: u64, size: u64, host: *mut u8) -> Result<(), BackendError> {
         let size = usize::try_from(size).map_err(|e| BackendError::new("VFIO_IOMMU_MAP_DMA", e))?;
-        // SAFETY: forwarded contract: the caller keeps the range mapped until unmap.
-        unsafe { self.inner.vfio_dma_map(iova, size, host) }
-            .map_err(|e| BackendError::new("VFIO_IOMMU_MAP_DMA", e))
+        match &self.inner {
+            // SAFETY: forwarded contract: the caller keeps the range mapped until unmap.
+            Domain::Legacy(c) => unsafe { c.vfio_dma_map(iova, size, host) }
+                .map_err(|e| BackendError::new("VFIO_IOMMU_MAP_DMA", e)),
+            #[cfg(feature = "iommufd")]
+            // SAFETY: as above.
+            Domain::Iommufd(i) => unsafe { i.vfio_dma_map(iova, size, host) }
+                .map_err(|e| BackendError::new("IOMMU_IOAS_MAP", e)),
+        }
     }
 
     fn unmap(&self, iova: u64, size: u64) -> Result<(), BackendError> {
         let size =
             usize::try_from(size).map_err(|e| BackendError::new("VFIO_IOMMU_UNMAP_DMA", e))?;
-        self.inner
-            .vfio_dma_unmap(iova, size)
-            .map_err(|e| BackendError::new("VFIO_IOMMU_UNMAP_DMA", e))
+        match &self.inner {
+            Domain::Legacy(c) => c
+                .vfio_dma_unmap(iova, size)
+                .map_err(|e| BackendError::new("VFIO_IOMMU_UNMAP_DMA", e)),
+            #[cfg(feature = "iommufd")]
+            Domain::Iommufd(i) => i
+                .vfio_dma_unmap(iova, size)
+                .map_err(|e| BackendError::new("IOMMU_IOAS_UNMAP", e)),
+        }
     }
 }
 

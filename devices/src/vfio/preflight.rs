@@ -13,7 +13,10 @@
 //!    DMA on the device's behalf), or a bridge (header type != 0) with any driver.
 //!    A group with, say, the second port of a NIC still bound to `igb` cannot be
 //!    opened (the kernel reports it "not viable").
-//! 6. `/dev/vfio/GROUP` exists and is readable and writable by this process.
+//! 6. which IOMMU interface to use ([`select_iommu`]): iommufd when `/dev/iommu` and
+//!    the device's cdev (`/dev/vfio/devices/vfioN`, named by its sysfs `vfio-dev/`)
+//!    exist and are readable and writable; else the legacy container/group, for
+//!    which `/dev/vfio/GROUP` must exist and be readable and writable.
 //! 7. separately ([`check_memlock`]): the locked-memory limit covers guest RAM plus
 //!    [`MEMLOCK_MARGIN`], because the type-1 IOMMU driver pins every guest page and
 //!    charges it to `RLIMIT_MEMLOCK`, unless the process has `CAP_IPC_LOCK`.
@@ -37,6 +40,8 @@ pub struct HostPaths {
     pub sysfs: PathBuf,
     /// VFIO device directory (`/dev/vfio`).
     pub dev_vfio: PathBuf,
+    /// The iommufd node (`/dev/iommu`).
+    pub dev_iommu: PathBuf,
 }
 
 impl Default for HostPaths {
@@ -44,6 +49,7 @@ impl Default for HostPaths {
         Self {
             sysfs: PathBuf::from("/sys"),
             dev_vfio: PathBuf::from("/dev/vfio"),
+            dev_iommu: PathBuf::from("/dev/iommu"),
         }
     }
 }
@@ -191,6 +197,87 @@ pub struct DeviceReport {
     pub group: u32,
     /// NUMA node the device is attached to (None: unknown / single node).
     pub numa_node: Option<u32>,
+    /// The IOMMU interface chosen for it, and why.
+    pub iommu: IommuPath,
+}
+
+/// How a device is opened and its DMA mapped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IommuPath {
+    /// The device cdev bound to an iommufd IOAS.
+    Iommufd {
+        /// The device's cdev (`/dev/vfio/devices/vfioN`).
+        cdev: PathBuf,
+    },
+    /// The legacy VFIO container and group (`/dev/vfio/vfio`, `/dev/vfio/GROUP`).
+    Legacy {
+        /// Why iommufd is not used.
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for IommuPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Iommufd { cdev } => write!(f, "iommufd (/dev/iommu, {})", cdev.display()),
+            Self::Legacy { reason } => write!(f, "legacy container/group ({reason})"),
+        }
+    }
+}
+
+/// Whether the device at sysfs directory `dev` can be opened through iommufd on
+/// the host `paths`; the legacy path, with the reason, when not.
+pub fn select_iommu(paths: &HostPaths, dev: &Path) -> IommuPath {
+    let legacy = |reason: String| IommuPath::Legacy { reason };
+    if !cfg!(feature = "iommufd") {
+        return legacy("keel was built without the `iommufd` feature".to_owned());
+    }
+    let iommu = &paths.dev_iommu;
+    if !iommu.exists() {
+        return legacy(format!(
+            "{} does not exist: host kernel without CONFIG_IOMMUFD (or the iommufd module              is not loaded)",
+            iommu.display()
+        ));
+    }
+    if !accessible(iommu) {
+        return legacy(format!(
+            "{} is not readable and writable by this process",
+            iommu.display()
+        ));
+    }
+    let cdev_dir = dev.join("vfio-dev");
+    let Ok(entries) = fs::read_dir(&cdev_dir) else {
+        return legacy(format!(
+            "{} does not exist: host kernel without CONFIG_VFIO_DEVICE_CDEV",
+            cdev_dir.display()
+        ));
+    };
+    let names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("vfio") && n[4..].parse::<u32>().is_ok())
+        .collect();
+    let [name] = names.as_slice() else {
+        return legacy(format!(
+            "{} holds {} vfioN entries, expected exactly one",
+            cdev_dir.display(),
+            names.len()
+        ));
+    };
+    let cdev = paths.dev_vfio.join("devices").join(name);
+    if !cdev.exists() {
+        return legacy(format!(
+            "{} does not exist (/dev not populated?)",
+            cdev.display()
+        ));
+    }
+    if !accessible(&cdev) {
+        return legacy(format!(
+            "{} is not readable and writable by this process",
+            cdev.display()
+        ));
+    }
+    IommuPath::Iommufd { cdev }
 }
 
 /// Commands that bind `address` to vfio-pci, unbinding `driver` first if any.
@@ -232,11 +319,23 @@ fn accessible(path: &Path) -> bool {
     unsafe { libc::access(c.as_ptr(), libc::R_OK | libc::W_OK) == 0 }
 }
 
-/// Runs checks 1–6 for device `id` at PCI `address` ("DDDD:BB:DD.F").
+/// Runs checks 1–6 for device `id` at PCI `address` ("DDDD:BB:DD.F"), preferring
+/// iommufd where the host has it.
 pub fn check_device(
     paths: &HostPaths,
     id: &str,
     address: &str,
+) -> Result<DeviceReport, PreflightError> {
+    check_device_with(paths, id, address, true)
+}
+
+/// [`check_device`]; with `allow_iommufd` false the legacy path is required (all
+/// devices of a VM share one IOMMU interface).
+pub fn check_device_with(
+    paths: &HostPaths,
+    id: &str,
+    address: &str,
+    allow_iommufd: bool,
 ) -> Result<DeviceReport, PreflightError> {
     let ids = || (id.to_owned(), address.to_owned());
     if !paths.dev_vfio.is_dir() {
@@ -318,8 +417,17 @@ pub fn check_device(
         });
     }
 
+    let iommu = if allow_iommufd {
+        select_iommu(paths, &dev)
+    } else {
+        IommuPath::Legacy {
+            reason: "another device of the VM cannot use iommufd".to_owned(),
+        }
+    };
     let node = paths.dev_vfio.join(group.to_string());
-    let problem = if !node.exists() {
+    let problem = if matches!(iommu, IommuPath::Iommufd { .. }) {
+        None
+    } else if !node.exists() {
         Some(
             "does not exist: the group is not claimed by vfio-pci yet (bind every device of the \
              group to vfio-pci) or /dev is not populated"
@@ -335,7 +443,10 @@ pub fn check_device(
     } else {
         None
     };
-    if let Some(problem) = problem {
+    if let Some(mut problem) = problem {
+        if let IommuPath::Legacy { reason } = &iommu {
+            problem = format!("{problem} (iommufd not used: {reason})");
+        }
         let (id, address) = ids();
         return Err(PreflightError::GroupNode {
             id,
@@ -354,6 +465,7 @@ pub fn check_device(
         sysfs_path: dev,
         group,
         numa_node,
+        iommu,
     })
 }
 

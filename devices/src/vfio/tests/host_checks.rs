@@ -9,16 +9,16 @@ use crate::vfio::preflight::{
     PreflightError, MEMLOCK_MARGIN,
 };
 
-const DEV: &str = "0000:01:00.0";
+pub(super) const DEV: &str = "0000:01:00.0";
 const SIBLING: &str = "0000:01:00.1";
 
 /// A throw-away host tree: sys/ and dev/vfio/.
-struct Host {
+pub(super) struct Host {
     root: PathBuf,
 }
 
 impl Host {
-    fn new(name: &str) -> Self {
+    pub(super) fn new(name: &str) -> Self {
         let root = std::env::temp_dir().join(format!(
             "keel-vfio-{name}-{}-{:?}",
             std::process::id(),
@@ -41,14 +41,15 @@ impl Host {
         host
     }
 
-    fn paths(&self) -> HostPaths {
+    pub(super) fn paths(&self) -> HostPaths {
         HostPaths {
             sysfs: self.root.join("sys"),
             dev_vfio: self.root.join("dev/vfio"),
+            dev_iommu: self.root.join("dev/iommu"),
         }
     }
 
-    fn dev_dir(&self, addr: &str) -> PathBuf {
+    pub(super) fn dev_dir(&self, addr: &str) -> PathBuf {
         self.root.join("sys/devices/pci0000:00").join(addr)
     }
 
@@ -91,7 +92,7 @@ impl Host {
         fs::remove_file(self.dev_dir(addr).join("driver")).unwrap();
     }
 
-    fn path(&self, p: &str) -> PathBuf {
+    pub(super) fn path(&self, p: &str) -> PathBuf {
         self.root.join(p)
     }
 }

@@ -6,4 +6,5 @@ mod dma_map;
 mod fake;
 mod function;
 mod host_checks;
+mod iommu_select;
 mod masking;
