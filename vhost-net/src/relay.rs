@@ -15,6 +15,13 @@
 //! a second time. The checks made here (queue index in range, state 0 or 1) are the
 //! ones the daemon makes, so the ack tells the truth.
 //!
+//! QEMU 7.2 also sends each queue pair's memory regions again (`ADD_MEM_REG` once per
+//! queue pair's vhost device, on the one connection; newer QEMU sends them once), and
+//! the daemon refuses a region that overlaps one it has. So an `ADD_MEM_REG` for a
+//! region identical to one already added only counts one more user here (acked here
+//! if an ack was asked for), and a `REM_MEM_REG` is passed on when the region's last
+//! user removes it.
+//!
 //! Only control messages pass through here; the data path is untouched. A frontend
 //! that breaks the framing (oversized payload, too many held requests, a bad held
 //! request) is disconnected: that ends this port's connection only.
@@ -39,6 +46,18 @@ pub const MAX_FDS: usize = 32;
 /// Most `SET_VRING_ENABLE`s held before `SET_FEATURES` (two per queue is plenty).
 pub const MAX_HELD: usize = 64;
 
+/// Most memory regions whose users are counted (the daemon's own limit is lower).
+pub const MAX_REGIONS: usize = 512;
+/// `VHOST_USER_SET_MEM_TABLE`.
+pub const SET_MEM_TABLE: u32 = 5;
+/// `VHOST_USER_ADD_MEM_REG`.
+pub const ADD_MEM_REG: u32 = 37;
+/// `VHOST_USER_REM_MEM_REG`.
+pub const REM_MEM_REG: u32 = 38;
+/// A memory region on the wire: guest address, size, frontend address, mmap offset.
+const REGION_LEN: usize = 32;
+/// `VhostUserSingleMemoryRegion`: padding, then a region.
+const SINGLE_REGION_LEN: usize = 8 + REGION_LEN;
 /// `VHOST_USER_SET_FEATURES`.
 pub const SET_FEATURES: u32 = 2;
 /// `VHOST_USER_SET_PROTOCOL_FEATURES`.
@@ -144,6 +163,8 @@ pub struct Order {
     protocol_features: u64,
     protocol_acked: bool,
     held: Vec<Message>,
+    /// Memory regions the daemon has, with how many times the frontend added each.
+    regions: Vec<([u8; REGION_LEN], u32)>,
 }
 
 impl Order {
@@ -154,6 +175,7 @@ impl Order {
             protocol_features: 0,
             protocol_acked: false,
             held: Vec::new(),
+            regions: Vec::new(),
         }
     }
 
@@ -172,18 +194,8 @@ impl Order {
                 if self.held.len() >= MAX_HELD {
                     return Err(RelayError::TooManyHeld);
                 }
-                let mut out = Vec::new();
-                let flags = msg.flags();
-                if flags & FLAG_NEED_REPLY != 0 {
-                    if self.protocol_features & PROTOCOL_F_REPLY_ACK != 0 {
-                        out.push(Out::Frontend(Message::new(
-                            SET_VRING_ENABLE,
-                            FLAG_VERSION | FLAG_REPLY,
-                            &0u64.to_le_bytes(),
-                        )));
-                    }
-                    msg.set_flags(flags & !FLAG_NEED_REPLY);
-                }
+                let out: Vec<Out> = self.local_ack(&msg).into_iter().collect();
+                msg.set_flags(msg.flags() & !FLAG_NEED_REPLY);
                 debug!(
                     "SET_VRING_ENABLE {:?} before SET_FEATURES: held",
                     &msg.payload
@@ -214,8 +226,62 @@ impl Order {
                 }
                 Ok(out)
             }
+            SET_MEM_TABLE => {
+                // The table replaces every region: each now has one user.
+                let n = msg.payload.get(..4).map_or(0, |_| u32_at(&msg.payload, 0));
+                self.regions = msg
+                    .payload
+                    .get(8..)
+                    .unwrap_or_default()
+                    .chunks_exact(REGION_LEN)
+                    .take((n as usize).min(MAX_REGIONS))
+                    .filter_map(|r| Some((r.try_into().ok()?, 1)))
+                    .collect();
+                Ok(vec![Out::Daemon(msg)])
+            }
+            ADD_MEM_REG => {
+                let Some(key) = single_region(&msg) else {
+                    return Ok(vec![Out::Daemon(msg)]);
+                };
+                if let Some((_, users)) = self.regions.iter_mut().find(|(r, _)| *r == key) {
+                    *users = users.saturating_add(1);
+                    debug!("ADD_MEM_REG of a region the daemon has: counted, not passed on");
+                    return Ok(self.local_ack(&msg).into_iter().collect());
+                }
+                if self.regions.len() < MAX_REGIONS {
+                    self.regions.push((key, 1));
+                }
+                Ok(vec![Out::Daemon(msg)])
+            }
+            REM_MEM_REG => {
+                let Some(key) = single_region(&msg) else {
+                    return Ok(vec![Out::Daemon(msg)]);
+                };
+                let Some(i) = self.regions.iter().position(|(r, _)| *r == key) else {
+                    return Ok(vec![Out::Daemon(msg)]);
+                };
+                if self.regions[i].1 > 1 {
+                    self.regions[i].1 -= 1;
+                    return Ok(self.local_ack(&msg).into_iter().collect());
+                }
+                self.regions.swap_remove(i);
+                Ok(vec![Out::Daemon(msg)])
+            }
             _ => Ok(vec![Out::Daemon(msg)]),
         }
+    }
+
+    /// The success ack for `msg` when the frontend asked for one and negotiated
+    /// REPLY_ACK (the daemon's rule).
+    fn local_ack(&self, msg: &Message) -> Option<Out> {
+        (msg.flags() & FLAG_NEED_REPLY != 0 && self.protocol_features & PROTOCOL_F_REPLY_ACK != 0)
+            .then(|| {
+                Out::Frontend(Message::new(
+                    msg.request(),
+                    FLAG_VERSION | FLAG_REPLY,
+                    &0u64.to_le_bytes(),
+                ))
+            })
     }
 
     /// The checks the daemon makes on a `SET_VRING_ENABLE` (payload size, queue index,
@@ -405,6 +471,14 @@ pub fn send_message(sock: &UnixStream, msg: &Message) -> Result<(), RelayError> 
     Ok(())
 }
 
+/// The region of an ADD_MEM_REG or REM_MEM_REG payload.
+fn single_region(msg: &Message) -> Option<[u8; REGION_LEN]> {
+    if msg.payload.len() != SINGLE_REGION_LEN {
+        return None;
+    }
+    msg.payload.get(8..)?.try_into().ok()
+}
+
 fn u32_at(b: &[u8], at: usize) -> u32 {
     let mut v = [0u8; 4];
     if let Some(s) = b.get(at..at + 4) {
@@ -478,6 +552,74 @@ mod tests {
         assert_eq!(kinds(&o.on_request(sf).unwrap()), [('d', 2, 1)]);
         // Still not acked: later early enables are held again.
         assert!(o.on_request(enable(1, 0, 0)).unwrap().is_empty());
+    }
+
+    fn region(gpa: u64, flags: u32, request: u32) -> Message {
+        let mut p = vec![0u8; 8];
+        for v in [gpa, 0x1000_0000, 0x7f00_0000_0000 + gpa, 0] {
+            p.extend_from_slice(&v.to_le_bytes());
+        }
+        Message::new(request, FLAG_VERSION | flags, &p)
+    }
+
+    #[test]
+    fn a_region_added_again_is_counted_not_passed_on() {
+        let mut o = Order::new(4);
+        let pf = Message::new(
+            SET_PROTOCOL_FEATURES,
+            FLAG_VERSION,
+            &(1u64 << 3).to_le_bytes(),
+        );
+        o.on_request(pf).unwrap();
+        let n = FLAG_NEED_REPLY;
+        // First pair's device adds two regions: passed on (the daemon acks).
+        assert_eq!(
+            kinds(&o.on_request(region(0, n, ADD_MEM_REG)).unwrap()),
+            [('d', 37, 9)]
+        );
+        assert_eq!(
+            kinds(&o.on_request(region(1 << 32, 0, ADD_MEM_REG)).unwrap()),
+            [('d', 37, 1)]
+        );
+        // Second pair's device adds the same: acked here, or nothing without NEED_REPLY.
+        assert_eq!(
+            kinds(&o.on_request(region(0, n, ADD_MEM_REG)).unwrap()),
+            [('f', 37, 5)]
+        );
+        assert!(o
+            .on_request(region(1 << 32, 0, ADD_MEM_REG))
+            .unwrap()
+            .is_empty());
+        // Removal: the first is local, the last user's goes to the daemon.
+        assert_eq!(
+            kinds(&o.on_request(region(0, n, REM_MEM_REG)).unwrap()),
+            [('f', 38, 5)]
+        );
+        assert_eq!(
+            kinds(&o.on_request(region(0, n, REM_MEM_REG)).unwrap()),
+            [('d', 38, 9)]
+        );
+        // Unknown region or odd payload: the daemon decides.
+        assert_eq!(
+            kinds(&o.on_request(region(0, n, REM_MEM_REG)).unwrap()),
+            [('d', 38, 9)]
+        );
+        let odd = Message::new(ADD_MEM_REG, FLAG_VERSION, &[0u8; 12]);
+        assert_eq!(kinds(&o.on_request(odd).unwrap()), [('d', 37, 1)]);
+        // SET_MEM_TABLE replaces everything: its regions have one user each.
+        let mut table = 1u32.to_le_bytes().to_vec();
+        table.extend_from_slice(&[0u8; 4]);
+        table.extend_from_slice(&region(1 << 33, 0, 0).payload[8..]);
+        let t = Message::new(SET_MEM_TABLE, FLAG_VERSION, &table);
+        assert_eq!(kinds(&o.on_request(t).unwrap()), [('d', 5, 1)]);
+        assert_eq!(
+            kinds(&o.on_request(region(1 << 32, 0, ADD_MEM_REG)).unwrap()),
+            [('d', 37, 1)]
+        );
+        assert!(o
+            .on_request(region(1 << 33, 0, ADD_MEM_REG))
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

@@ -115,18 +115,22 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// serial console output once the VM powers off. Panics if QEMU fails or the guest
 /// does not power off within [`BOOT_TIMEOUT`] (QEMU is killed then).
 pub fn boot_qemu(image: &Path, disk: &Path, extra_cmdline: &str, net_args: &[String]) -> String {
+    boot_qemu_smp(image, disk, extra_cmdline, net_args, 1)
+}
+
+/// [`boot_qemu`] with `cpus` vCPUs.
+pub fn boot_qemu_smp(
+    image: &Path,
+    disk: &Path,
+    extra_cmdline: &str,
+    net_args: &[String],
+    cpus: u32,
+) -> String {
     let _one = QEMU.lock().unwrap_or_else(|e| e.into_inner());
     let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg",
-            "-m",
-            "512",
-            "-smp",
-            "1",
-            "-nographic",
-            "-no-reboot",
-        ])
+        .args(["-accel", "tcg", "-m", "512", "-nographic", "-no-reboot"])
+        .arg("-smp")
+        .arg(cpus.to_string())
         .arg("-kernel")
         .arg(image.join("vmlinuz"))
         .arg("-initrd")
