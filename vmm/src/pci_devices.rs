@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use keel_devices::bus::{Bus, BusBuilder, BusError};
 use keel_devices::pci::root::{PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN};
-use keel_devices::pci::{BarAllocator, BarMapper, PciRoot};
+use keel_devices::pci::{BarMapper, BarSpace, PciRoot};
 use keel_devices::vhost_user::blk::{BlkSettings, VhostUserBlk};
 use keel_devices::vhost_user::net::{NetSettings, VhostUserNet};
 use keel_devices::vhost_user::ConnectError;
@@ -110,6 +110,36 @@ pub struct PciDevices {
     pub intx: Vec<crate::boot::mptable::PciIntx>,
 }
 
+/// The high MMIO window for this VM: above its RAM, below the guest's physical
+/// address limit as KVM reports it in the supported CPUID (what the vCPUs get).
+fn high_window(vm: &Vm, ram: &GuestRam) -> Option<std::ops::Range<u64>> {
+    let ram_end = ram
+        .regions()
+        .iter()
+        .map(|r| r.guest_addr + r.size)
+        .max()
+        .unwrap_or(0);
+    let bits = match vm
+        .kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+    {
+        Ok(cpuid) => crate::layout::phys_bits(cpuid.as_slice().iter().map(|e| (e.function, e.eax))),
+        Err(e) => {
+            warn!("cannot read the supported CPUID ({e}); assuming a 36-bit address space");
+            crate::layout::DEFAULT_PHYS_BITS
+        }
+    };
+    let window = crate::layout::high_mmio_window(ram_end, bits);
+    if let Some(w) = &window {
+        log::debug!(
+            "high MMIO window {:#x}..{:#x} ({bits} physical address bits)",
+            w.start,
+            w.end
+        );
+    }
+    window
+}
+
 /// Creates every configured PCI device and the conf1 host bridge.
 pub fn attach(
     config: &SandboxConfig,
@@ -125,7 +155,7 @@ pub fn attach(
     });
     let routes = GsiRoutes::new(Arc::clone(&vm.fd));
     let mut root = PciRoot::new();
-    let mut bars = BarAllocator::new(MMIO_HOLE_START, IOAPIC_ADDR);
+    let mut bars = BarSpace::new(MMIO_HOLE_START..IOAPIC_ADDR, high_window(vm, ram));
     let timeout = config.devices.connect_timeout;
 
     let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
@@ -169,9 +199,10 @@ pub fn attach(
                 source,
             }
         })?;
+        // A 32-bit BAR: the transport programs it as one dword.
         let bar = bars
-            .allocate(BAR0_SIZE)
-            .ok_or_else(|| PciDeviceError::NoRoom(id.clone()))?;
+            .place(BAR0_SIZE, false, false)
+            .map_err(|_| PciDeviceError::NoRoom(id.clone()))?;
         let mut pci = VirtioPci::new(id.clone(), device, router, ram.memory().clone(), bar as u32)
             .map_err(|e| PciDeviceError::Config {
                 id: id.clone(),

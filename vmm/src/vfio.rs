@@ -1,7 +1,8 @@
 //! Wiring the sandbox's `[[vfio]]` entries: host pre-flight checks (before guest RAM
 //! exists), then, per device, the VFIO container and group, DMA mappings of guest
-//! RAM, MSI/MSI-X vectors, BAR placement in the 32-bit hole, direct BAR mappings as
-//! KVM memory slots, and the function on PCI bus 0.
+//! RAM, MSI/MSI-X vectors, BAR placement (the 32-bit hole; 64-bit prefetchable
+//! BARs in the high window above RAM, see `keel_devices::pci::BarSpace`), direct
+//! BAR mappings as KVM memory slots, and the function on PCI bus 0.
 //!
 //! A function with an interrupt pin also gets INTx: an IOAPIC pin of its own
 //! ([`crate::intx`]), advertised in its configuration space and returned for the MP
@@ -12,10 +13,10 @@
 use std::sync::{Arc, Mutex};
 
 use keel_devices::bus::BusBuilder;
-use keel_devices::pci::{BarAllocator, PciRoot};
+use keel_devices::pci::{BarPlaceError, BarSpace, PciRoot};
 use keel_devices::vfio::backend::{BackendError, HostMapping};
 use keel_devices::vfio::bars::{SlotMapper, FIRST_DEVICE_SLOT};
-use keel_devices::vfio::config::NUM_BARS;
+use keel_devices::vfio::config::{BarKind, NUM_BARS};
 use keel_devices::vfio::device::{
     BarAccess, DeviceProbe, DeviceWiring, VfioDeviceError, VfioPciDevice,
 };
@@ -33,7 +34,6 @@ use crate::boot::mptable::PciIntx;
 use crate::config::SandboxConfig;
 use crate::interrupts::{DeviceVectors, GsiRoutes, InterruptError};
 use crate::intx::{IntxError, IntxPins, KvmIntxLine};
-use crate::layout::{IOAPIC_ADDR, MMIO_HOLE_START};
 use crate::memory::GuestRam;
 use crate::pci_devices::KvmBarMapper;
 
@@ -81,16 +81,19 @@ pub enum VfioError {
         /// The failure.
         source: IntxError,
     },
-    /// A BAR does not fit.
-    #[error("vfio {id}: BAR {bar} ({size:#x} bytes) does not fit in the 32-bit MMIO hole or the PCI bus is full")]
+    /// A BAR does not fit in any MMIO window.
+    #[error("vfio {id}: BAR {bar}: {source}")]
     NoRoom {
         /// Device id.
         id: String,
         /// BAR index.
         bar: usize,
-        /// BAR size.
-        size: u64,
+        /// Why.
+        source: BarPlaceError,
     },
+    /// PCI bus 0 has no free slot.
+    #[error("vfio {0}: PCI bus 0 is full")]
+    BusFull(String),
     /// A BAR overlaps another device on the MMIO bus.
     #[error("vfio {id}: {source}")]
     Bus {
@@ -232,7 +235,7 @@ pub struct Placement<'a> {
     /// PCI bus 0.
     pub root: &'a mut PciRoot,
     /// BAR addresses.
-    pub bars: &'a mut BarAllocator,
+    pub bars: &'a mut BarSpace,
     /// The MMIO bus being built.
     pub mmio: &'a mut BusBuilder,
     /// Follows guest BAR moves.
@@ -282,7 +285,6 @@ pub fn attach(
     });
     let slots: Arc<dyn SlotMapper> = Arc::new(KvmSlotMapper { vm: Arc::clone(vm) });
     let mut next_slot = FIRST_DEVICE_SLOT;
-    let window = MMIO_HOLE_START..IOAPIC_ADDR;
     for (id, backend) in opened {
         let dev_err = |source: VfioDeviceError| VfioError::Device {
             id: id.clone(),
@@ -303,11 +305,15 @@ pub fn attach(
             }
             bar.addr = at
                 .bars
-                .allocate(bar.size.max(keel_devices::vfio::bars::PAGE))
-                .ok_or(VfioError::NoRoom {
+                .place(
+                    bar.size.max(keel_devices::vfio::bars::PAGE),
+                    bar.kind == BarKind::Mem64,
+                    bar.prefetchable,
+                )
+                .map_err(|source| VfioError::NoRoom {
                     id: id.clone(),
                     bar: i,
-                    size: bar.size,
+                    source,
                 })?;
         }
         let intx = if probe.has_intx {
@@ -331,7 +337,13 @@ pub fn attach(
         .map_err(dev_err)?;
         let pin = function.intx_pin();
         function.hold(Arc::clone(&session));
-        function.set_bar_mapper(at.bar_mapper.clone(), window.clone());
+        for (n, w) in at.bars.windows().into_iter().enumerate() {
+            if n == 0 {
+                function.set_bar_mapper(at.bar_mapper.clone(), w);
+            } else {
+                function.add_bar_window(w);
+            }
+        }
         next_slot += function
             .setup_direct(Arc::clone(&slots), next_slot)
             .map_err(dev_err)?;
@@ -350,11 +362,10 @@ pub fn attach(
                 })?;
             info!("vfio {id}: BAR {bar} at {addr:#x} ({size:#x} bytes)");
         }
-        let slot = at.root.add(function).ok_or(VfioError::NoRoom {
-            id: id.clone(),
-            bar: 0,
-            size: 0,
-        })?;
+        let slot = at
+            .root
+            .add(function)
+            .ok_or_else(|| VfioError::BusFull(id.clone()))?;
         info!("vfio {id}: PCI 00:{slot:02x}.0");
         if let (Some(pin), Some(gsi)) = (pin, gsi) {
             info!(

@@ -1,9 +1,11 @@
 //! PCI: configuration spaces, the conf1 host bridge, MSI-X, and BAR placement.
 
+pub mod bar_space;
 pub mod config;
 pub mod msix;
 pub mod root;
 
+pub use bar_space::{BarPlaceError, BarSpace};
 pub use config::{PciConfig, PciIds};
 
 use std::ops::Range;
@@ -37,6 +39,11 @@ impl BarAllocator {
     /// Allocates from `[start, end)`.
     pub fn new(start: u64, end: u64) -> Self {
         Self { next: start, end }
+    }
+
+    /// Bytes left above the next free address.
+    pub fn free(&self) -> u64 {
+        self.end.saturating_sub(self.next)
     }
 
     /// A `size`-aligned range of `size` bytes (size a power of two), or None when the

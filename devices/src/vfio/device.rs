@@ -111,7 +111,7 @@ pub struct VfioPciDevice {
     /// Where each memory BAR sits on the MMIO bus.
     mapped: [Option<u64>; NUM_BARS],
     areas: [Vec<DirectArea>; NUM_BARS],
-    mapper: Option<(Arc<dyn BarMapper>, BarWindow)>,
+    mapper: Option<(Arc<dyn BarMapper>, Vec<BarWindow>)>,
     slots: Option<Arc<dyn SlotMapper>>,
     released: bool,
     /// Resources that must outlive the device (its container, the DMA mappings of
@@ -196,7 +196,15 @@ impl VfioPciDevice {
 
     /// Lets the guest move BARs within `window`.
     pub fn set_bar_mapper(&mut self, mapper: Arc<dyn BarMapper>, window: BarWindow) {
-        self.mapper = Some((mapper, window));
+        self.mapper = Some((mapper, vec![window]));
+    }
+
+    /// Lets the guest move BARs within `window` too (the high MMIO window). Needs
+    /// [`VfioPciDevice::set_bar_mapper`] first; ignored otherwise.
+    pub fn add_bar_window(&mut self, window: BarWindow) {
+        if let Some((_, windows)) = &mut self.mapper {
+            windows.push(window);
+        }
     }
 
     fn msix_holes(&self, bar: usize) -> Vec<(u64, u64)> {
@@ -269,9 +277,12 @@ impl VfioPciDevice {
         let memory_on = self.memory_enabled();
         let size = self.config.bars()[i].size;
         let mut target = current;
-        if let (Some(wanted), Some((mapper, window))) = (self.config.bar_address(i), &self.mapper) {
-            let fits =
-                wanted >= window.start && wanted.checked_add(size).is_some_and(|e| e <= window.end);
+        if let (Some(wanted), Some((mapper, windows))) = (self.config.bar_address(i), &self.mapper)
+        {
+            // A 32-bit BAR's address is always below 4 GiB, so it can only fit the hole.
+            let fits = windows
+                .iter()
+                .any(|w| wanted >= w.start && wanted.checked_add(size).is_some_and(|e| e <= w.end));
             if memory_on && fits && wanted != current {
                 match mapper.move_bar(current, wanted, size) {
                     Ok(()) => {

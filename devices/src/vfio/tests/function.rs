@@ -290,3 +290,33 @@ fn release_disarms_unmaps_and_resets_once() {
         "drop after release does nothing more"
     );
 }
+
+#[test]
+fn a_64bit_bar_moves_within_the_high_window() {
+    // NVMe BAR 0: 64-bit, 16 KiB, placed at 0xc0000000 by `setup`.
+    let mut s = setup(FakeDevice::nvme(), false);
+    let f = &mut s.function;
+    f.set_bar_mapper(s.rec.clone(), 0xc000_0000..0xfec0_0000);
+    f.add_bar_window(0x10_0000_0000..0x20_0000_0000);
+    f.setup_direct(s.rec.clone(), FIRST_DEVICE_SLOT).unwrap();
+    cfg16(f, 4, 0x0006);
+    s.rec.take();
+    // Decoding off, both halves programmed, decoding on.
+    cfg16(f, 4, 0x0004);
+    cfg32(f, 0x10, 0x0000_4000);
+    cfg32(f, 0x14, 0x10);
+    s.rec.take();
+    cfg16(f, 4, 0x0006);
+    let log = s.rec.take();
+    assert!(
+        log.contains(&"move 0xc0000000 -> 0x1000004000 len 0x4000".to_owned()),
+        "{log:?}"
+    );
+    assert_eq!(f.bus_ranges()[0], (0, 0x10_0000_4000, 0x4000));
+    // Past both windows (above the high window's end): refused, stays put.
+    cfg16(f, 4, 0x0004);
+    cfg32(f, 0x14, 0x40);
+    cfg16(f, 4, 0x0006);
+    assert!(!s.rec.take().iter().any(|l| l.starts_with("move")));
+    assert_eq!(f.bus_ranges()[0], (0, 0x10_0000_4000, 0x4000));
+}
