@@ -55,8 +55,9 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "1,32,128")]
         depths: Vec<usize>,
     },
-    /// Packet rates of keel-vhost-net against testpmd's net_vhost PMD, both fed by a
-    /// testpmd virtio-user txonly frontend: receive only, and port to port.
+    /// Packet rates of keel-vhost-net against testpmd's net_vhost PMD, both driven by
+    /// testpmd virtio-user frontends: receive only, a port-to-port loop, and port to
+    /// port with a separate receiver.
     Net {
         /// keel-vhost-net binary.
         #[arg(long, default_value = "target/release/keel-vhost-net")]
@@ -73,9 +74,13 @@ enum Command {
         /// keel's busy-poll window in microseconds (0: event mode).
         #[arg(long, default_value_t = 100)]
         poll_us: u64,
-        /// Also measure port-to-port forwarding (meaningful with 3+ free cores).
+        /// Tests to run: rx, loop, fwd (fwd is meaningful with 3+ free cores).
+        #[arg(long, value_delimiter = ',', default_value = "rx,loop")]
+        tests: Vec<net::NetTest>,
+        /// keel polls all its ports with one shared thread on CPU 1 (--poll-cpus 1)
+        /// instead of one worker per port (busy-poll mode only).
         #[arg(long)]
-        fwd: bool,
+        shared_poll: bool,
     },
 }
 
@@ -114,14 +119,16 @@ fn main() -> ExitCode {
             seconds,
             sizes,
             poll_us,
-            fwd,
+            tests,
+            shared_poll,
         } => net::run(&net::NetBench {
             keel,
             testpmd,
             seconds,
             sizes,
             poll_us,
-            fwd,
+            tests,
+            shared_poll,
         })
         .map_err(|e| e.to_string()),
     };

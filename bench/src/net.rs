@@ -5,13 +5,18 @@
 //! - `rx`: the backend only receives (testpmd `rxonly`; keel with one port, whose
 //!   frames have nowhere to go). Rate: testpmd's `Rx-pps`, keel's `tx_packets`
 //!   counter (frames taken from the frontend's TX ring).
-//! - `fwd` (with `--fwd`; needs three free cores to mean much): port to port. testpmd `io` forwarding between two `net_vhost` ports, or
-//!   keel switching p0 to p1; a second virtio-user testpmd (`rxonly`) receives.
-//!   Rate: that receiver's `Rx-pps`, the same for both.
+//! - `loop`: port to port, the way DPDK's PVP tests loop traffic, and it fits two
+//!   cores. One testpmd with two virtio-user ports (MACs ..:01 on p0, ..:02 on p1)
+//!   in `mac` forwarding mode starts with a burst on each port (`--tx-first`) and
+//!   sends every frame it receives on one port out of the other, addressed to the
+//!   other port's MAC. The backend forwards p0 to p1 and back: testpmd `io`
+//!   forwarding between two `net_vhost` ports, or keel switching by MAC. Rate: the
+//!   sum over both frontend ports of testpmd's `Rx-pps`, the same for both.
+//! - `fwd` (needs three free cores to mean much): port to port with a separate
+//!   sender (`txonly`) and receiver (`rxonly`); rate: the receiver's `Rx-pps`.
 //!
-//! The frontends run on CPU 0 (with `fwd`, sender and receiver share it), the
-//! backend alone on CPU 1. Each measurement is the median of the per-second rates
-//! over the window.
+//! The frontends run on CPU 0, the backend alone on CPU 1. Each measurement is the
+//! median of the per-second rates over the window.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -57,12 +62,29 @@ pub struct NetBench {
     pub sizes: Vec<usize>,
     /// keel's busy-poll window in microseconds (0: event mode).
     pub poll_us: u64,
-    /// Also measure port-to-port forwarding. It needs three busy pollers (sender,
-    /// backend, receiver): on a 2-core machine two share a core, and the receiver's
-    /// ring (256 entries) overflows whenever the scheduler takes its core away, so the
-    /// result measures the scheduler more than the backend.
-    pub fwd: bool,
+    /// The tests to run, in order, for each frame size.
+    pub tests: Vec<NetTest>,
+    /// keel polls every port from one shared thread on the backend's CPU.
+    pub shared_poll: bool,
 }
+
+/// One kind of measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetTest {
+    /// The backend receives only.
+    Rx,
+    /// Port-to-port loop driven by one two-port frontend (fits two cores).
+    Loop,
+    /// Port to port with separate sender and receiver. It needs three busy pollers:
+    /// on a 2-core machine two share a core, and the receiver's ring overflows
+    /// whenever the scheduler takes its core away, so the result measures the
+    /// scheduler more than the backend.
+    Fwd,
+}
+
+/// Frames each frontend port puts into the loop at the start (`--burst`), so the
+/// loop holds twice this many; well below the 256-entry rings, so nothing drops.
+const LOOP_BURST: usize = 64;
 
 /// A child process killed (by PID) when dropped; testpmd's hugepage files go with it.
 struct Proc {
@@ -227,6 +249,9 @@ fn keel(b: &NetBench, dir: &Path, ports: usize) -> Result<Proc, NetBenchError> {
         .arg(&control)
         .arg("--poll-us")
         .arg(b.poll_us.to_string());
+    if b.shared_poll && b.poll_us > 0 {
+        cmd.args(["--poll-cpus", "1"]);
+    }
     let p = spawn(&mut cmd, &dir.join("keel.log"), None)?;
     wait_for_path(&control)?;
     Ok(p)
@@ -271,10 +296,14 @@ fn rx_keel(b: &NetBench, dir: &Path, size: usize) -> Result<f64, NetBenchError> 
     median(&rates).ok_or_else(|| NetBenchError::Run("no keel samples".into()))
 }
 
-/// Port-to-port rate at a virtio-user receiver, through testpmd io-forwarding
-/// between two net_vhost ports (`reference`) or through keel.
-fn fwd(b: &NetBench, dir: &Path, size: usize, reference: bool) -> Result<f64, NetBenchError> {
-    let (s0, s1, _be) = if reference {
+/// A two-port backend on CPU 1: testpmd io-forwarding between two net_vhost ports
+/// (`reference`) or keel; returns the two sockets and the process.
+fn two_port_backend(
+    b: &NetBench,
+    dir: &Path,
+    reference: bool,
+) -> Result<(PathBuf, PathBuf, Proc), NetBenchError> {
+    Ok(if reference {
         let (s0, s1) = (dir.join("vhost0.sock"), dir.join("vhost1.sock"));
         let be = testpmd(
             b,
@@ -293,7 +322,81 @@ fn fwd(b: &NetBench, dir: &Path, size: usize, reference: bool) -> Result<f64, Ne
     } else {
         let be = keel(b, dir, 2)?;
         (dir.join("p0.sock"), dir.join("p1.sock"), be)
-    };
+    })
+}
+
+/// The median `Rx-pps` of each port over the last `n` reports in testpmd's output.
+fn rx_pps_per_port(log: &str, n: usize) -> Vec<f64> {
+    let mut per_port: Vec<Vec<f64>> = Vec::new();
+    let mut port = None;
+    for l in log.lines() {
+        if let Some(at) = l.find("statistics for port ") {
+            port = l[at + 20..]
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<usize>().ok());
+        } else if let (Some(p), Some(at)) = (port, l.find("Rx-pps:")) {
+            if let Some(v) = l[at + 7..]
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+            {
+                if per_port.len() <= p {
+                    per_port.resize(p + 1, Vec::new());
+                }
+                per_port[p].push(v);
+            }
+        }
+    }
+    per_port
+        .iter()
+        .filter_map(|v| median(&v[v.len().saturating_sub(n)..]))
+        .collect()
+}
+
+/// Port-to-port loop rate (frames per second received by the two-port frontend)
+/// through testpmd io-forwarding (`reference`) or through keel.
+fn loop_rate(b: &NetBench, dir: &Path, size: usize, reference: bool) -> Result<f64, NetBenchError> {
+    let (s0, s1, _be) = two_port_backend(b, dir, reference)?;
+    let fe = testpmd(
+        b,
+        dir,
+        "loop",
+        0,
+        &[
+            format!(
+                "net_virtio_user0,path={},queues=1,mac=52:54:00:00:00:01",
+                s0.display()
+            ),
+            format!(
+                "net_virtio_user1,path={},queues=1,mac=52:54:00:00:00:02",
+                s1.display()
+            ),
+        ],
+        &[
+            "--forward-mode=mac".into(),
+            "--eth-peer=0,52:54:00:00:00:02".into(),
+            "--eth-peer=1,52:54:00:00:00:01".into(),
+            "--tx-first".into(),
+            format!("--burst={LOOP_BURST}"),
+            format!("--txpkts={size}"),
+        ],
+    )?;
+    std::thread::sleep(WARMUP + Duration::from_secs(b.seconds));
+    let rates = rx_pps_per_port(&fe.output(), b.seconds as usize);
+    if rates.len() != 2 {
+        return Err(NetBenchError::Run(format!(
+            "expected Rx-pps of two ports from the loop frontend:\n{}",
+            fe.output()
+        )));
+    }
+    Ok(rates.iter().sum())
+}
+
+/// Port-to-port rate at a virtio-user receiver, through testpmd io-forwarding
+/// between two net_vhost ports (`reference`) or through keel.
+fn fwd(b: &NetBench, dir: &Path, size: usize, reference: bool) -> Result<f64, NetBenchError> {
+    let (s0, s1, _be) = two_port_backend(b, dir, reference)?;
     // The receiver shares CPU 0 with the sender: the backend has CPU 1 to itself.
     let rx = testpmd(
         b,
@@ -320,32 +423,40 @@ fn fresh_dir() -> Result<tempfile::TempDir, NetBenchError> {
 /// Runs the benchmark and prints one table row per measurement.
 pub fn run(b: &NetBench) -> Result<(), NetBenchError> {
     println!(
-        "keel-vhost-net ({}) vs testpmd net_vhost; frontend testpmd virtio-user txonly; {} s per point",
+        "keel-vhost-net ({}{}) vs testpmd net_vhost; frontends testpmd virtio-user; {} s per point",
         if b.poll_us == 0 {
             "event mode".to_string()
         } else {
             format!("busy-poll {} us", b.poll_us)
         },
+        if b.shared_poll && b.poll_us > 0 {
+            ", one shared poll thread"
+        } else {
+            ""
+        },
         b.seconds
     );
     println!("| test | frame | keel Mpps | testpmd Mpps | ratio |");
     println!("|---|---|---|---|---|");
-    let tests: &[&str] = if b.fwd { &["rx", "fwd"] } else { &["rx"] };
     for &size in &b.sizes {
-        for &test in tests {
-            let (k, r) = if test == "rx" {
-                (
+        for &test in &b.tests {
+            let (k, r) = match test {
+                NetTest::Rx => (
                     rx_keel(b, fresh_dir()?.path(), size)?,
                     rx_reference(b, fresh_dir()?.path(), size)?,
-                )
-            } else {
-                (
+                ),
+                NetTest::Loop => (
+                    loop_rate(b, fresh_dir()?.path(), size, false)?,
+                    loop_rate(b, fresh_dir()?.path(), size, true)?,
+                ),
+                NetTest::Fwd => (
                     fwd(b, fresh_dir()?.path(), size, false)?,
                     fwd(b, fresh_dir()?.path(), size, true)?,
-                )
+                ),
             };
+            let name = format!("{test:?}").to_lowercase();
             println!(
-                "| {test} | {size} B | {:.2} | {:.2} | {:.2} |",
+                "| {name} | {size} B | {:.2} | {:.2} | {:.2} |",
                 k / 1e6,
                 r / 1e6,
                 if r > 0.0 { k / r } else { 0.0 }

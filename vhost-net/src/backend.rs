@@ -4,7 +4,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
@@ -23,6 +23,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::net::{self, TxBatch};
 use crate::offload;
+use crate::poller::{PollGroup, PollGroups};
 use crate::switch::{lock, ForwardScratch, GuestMem, Port, RxTarget, Switch, Vring};
 
 /// Queue index of the RX queue (device to driver) within a pair.
@@ -50,6 +51,8 @@ struct Worker {
     state: Mutex<WorkerState>,
     attach: EventFd,
     pinned: AtomicBool,
+    /// The poll group polling this pair's TX ring, once its first kick arrived.
+    group: OnceLock<Arc<PollGroup>>,
 }
 
 /// The backend of one port for one frontend connection.
@@ -61,28 +64,35 @@ pub struct PortBackend {
     poll: Duration,
     workers: Vec<Worker>,
     broken_logged: AtomicBool,
+    /// Shared polling threads; `None`: each pair's worker polls its own ring.
+    groups: Option<Arc<PollGroups>>,
+    /// This backend, for handing its rings to poll groups.
+    self_ref: OnceLock<Weak<PortBackend>>,
 }
 
 impl PortBackend {
     /// A backend for `port`; `mem` must be the memory handed to the daemon. A non-zero
-    /// `poll` selects busy-poll mode with that idle window.
+    /// `poll` selects busy-poll mode with that idle window; with `groups`, the TX rings
+    /// are polled by those shared threads instead of the pairs' own workers.
     pub fn new(
         switch: Arc<Switch>,
         port: Arc<Port>,
         mem: GuestMem,
         queue_size: u16,
         poll: Duration,
-    ) -> io::Result<Self> {
+        groups: Option<Arc<PollGroups>>,
+    ) -> io::Result<Arc<Self>> {
         let workers = (0..port.cfg.queues.max(1))
             .map(|_| {
                 Ok(Worker {
                     state: Mutex::new(WorkerState::default()),
                     attach: EventFd::new(EFD_NONBLOCK)?,
                     pinned: AtomicBool::new(false),
+                    group: OnceLock::new(),
                 })
             })
             .collect::<io::Result<Vec<_>>>()?;
-        Ok(PortBackend {
+        let backend = Arc::new(PortBackend {
             switch,
             port,
             mem,
@@ -90,7 +100,53 @@ impl PortBackend {
             poll,
             workers,
             broken_logged: AtomicBool::new(false),
-        })
+            groups,
+            self_ref: OnceLock::new(),
+        });
+        let _ = backend.self_ref.set(Arc::downgrade(&backend));
+        Ok(backend)
+    }
+
+    /// Takes this backend's rings out of their poll groups (the frontend is gone).
+    pub fn leave_poll_groups(&self) {
+        let Some(me) = self.self_ref.get() else {
+            return;
+        };
+        for w in &self.workers {
+            if let Some(g) = w.group.get() {
+                g.remove(me);
+            }
+        }
+    }
+
+    /// Hands the TX ring of pair `thread` to a poll group on its first kick, and
+    /// wakes that group. Returns false when there are no poll groups.
+    fn kick_poll_group(&self, thread: usize, vring: &Vring) -> bool {
+        let (Some(groups), Some(w), Some(me)) = (
+            self.groups.as_ref(),
+            self.workers.get(thread),
+            self.self_ref.get(),
+        ) else {
+            return false;
+        };
+        let cpus = &self.port.cfg.cpu;
+        let preferred = (!cpus.is_empty()).then(|| cpus[thread % cpus.len()]);
+        if let Some(g) = w.group.get() {
+            g.wake();
+            return true;
+        }
+        let Some(group) = groups.pick(preferred) else {
+            return false;
+        };
+        if w.group.set(group.clone()).is_ok() {
+            info!(
+                "{}: TX ring of pair {thread} polled on CPU {}",
+                self.port.name(),
+                group.cpu()
+            );
+            group.add(me.clone(), thread, vring.clone());
+        }
+        true
     }
 
     /// Number of queue pairs (and worker threads).
@@ -146,7 +202,7 @@ impl PortBackend {
     /// batches. With `rearm`, notifications are re-enabled at the end (and the ring
     /// re-checked); without, they stay off (busy polling). Returns whether any chain
     /// was taken.
-    fn process_tx(&self, thread: usize, vring: &Vring, rearm: bool) -> bool {
+    pub(crate) fn process_tx(&self, thread: usize, vring: &Vring, rearm: bool) -> bool {
         let Some(worker) = self.workers.get(thread) else {
             return false;
         };
@@ -354,11 +410,24 @@ impl VhostUserBackend for PortBackend {
             }
             e if usize::from(e) == TX_QUEUE => {
                 if let Some(tx) = vrings.get(TX_QUEUE) {
-                    self.kick_tx(thread_id, tx);
+                    if !self.kick_poll_group(thread_id, tx) {
+                        self.kick_tx(thread_id, tx);
+                    }
                 }
             }
             // RX kicks: the driver posted buffers. Frames are delivered as they arrive
-            // (and dropped when no buffer is there), so there is nothing to do.
+            // (and dropped when no buffer is there), so the kick carries nothing we
+            // wait for: ask the driver to stop sending them (saves it a syscall or VM
+            // exit per refill, and us a wake-up).
+            e if usize::from(e) == RX_QUEUE => {
+                if let Some(rx) = vrings.get(RX_QUEUE) {
+                    let mem = self.mem.memory();
+                    let mut state = rx.get_mut();
+                    if let Err(e) = state.get_queue_mut().disable_notification(&*mem) {
+                        debug!("{}: cannot disable RX kicks: {e}", self.port.name());
+                    }
+                }
+            }
             _ => {}
         }
         Ok(())

@@ -340,6 +340,11 @@ pub struct Args {
     /// this many microseconds (0: event mode, sleep on kicks).
     #[arg(long, default_value_t = 0)]
     pub poll_us: u64,
+    /// Busy-poll with shared threads, one pinned to each of these CPUs, each polling
+    /// the TX rings of many ports (a port's queue pair goes to the thread on its
+    /// `cpu=` when there is one, else to the least loaded). Needs --poll-us > 0.
+    #[arg(long, value_name = "CPU,..", value_delimiter = ',')]
+    pub poll_cpus: Vec<usize>,
     /// Offer checksum and segmentation offloads (CSUM, GUEST_CSUM, HOST_/GUEST_TSO4,
     /// TSO6, ECN, UFO) and enable them on TAP uplinks; the virtio-net header is passed
     /// between ports. GSO frames for a port that did not negotiate them are dropped.
@@ -360,6 +365,8 @@ struct RawFile {
     stats_interval: u64,
     #[serde(default)]
     poll_us: u64,
+    #[serde(default)]
+    poll_cpus: Vec<usize>,
     #[serde(default)]
     offloads: bool,
     #[serde(default)]
@@ -392,6 +399,8 @@ pub struct SwitchConfig {
     pub stats_interval: Duration,
     /// Busy-poll idle window; zero means event mode.
     pub poll: Duration,
+    /// CPUs of the shared poll threads (empty: one polling worker per queue pair).
+    pub poll_cpus: Vec<usize>,
     /// Whether offloads are offered.
     pub offloads: bool,
 }
@@ -424,6 +433,21 @@ impl SwitchConfig {
         }
         if self.poll > Duration::from_secs(1) {
             return Err("poll_us: expected at most 1000000".into());
+        }
+        if !self.poll_cpus.is_empty() && self.poll.is_zero() {
+            return Err("poll_cpus: shared poll threads need busy-poll mode (poll_us > 0)".into());
+        }
+        if let Some(c) = self
+            .poll_cpus
+            .iter()
+            .find(|&&c| c >= libc::CPU_SETSIZE as usize)
+        {
+            return Err(format!("poll_cpus: {c} is not a valid CPU number"));
+        }
+        for (i, c) in self.poll_cpus.iter().enumerate() {
+            if self.poll_cpus[..i].contains(c) {
+                return Err(format!("poll_cpus: CPU {c} is listed twice"));
+            }
         }
         if self.mac_ageing.is_zero() {
             return Err("mac_ageing: expected at least 1 second".into());
@@ -474,6 +498,7 @@ pub fn switch_from_args(args: &Args) -> Result<SwitchConfig, ConfigError> {
         queue_size: args.queue_size,
         stats_interval: Duration::from_secs(args.stats_interval),
         poll: Duration::from_micros(args.poll_us),
+        poll_cpus: args.poll_cpus.clone(),
         offloads: args.offloads,
     };
     cfg.validate().map_err(ConfigError::Args)?;
@@ -540,6 +565,7 @@ pub fn parse_toml(text: &str, file: &Path) -> Result<SwitchConfig, ConfigError> 
         queue_size: raw.queue_size,
         stats_interval: Duration::from_secs(raw.stats_interval),
         poll: Duration::from_micros(raw.poll_us),
+        poll_cpus: raw.poll_cpus,
         offloads: raw.offloads,
     };
     cfg.validate().map_err(|m| invalid(0, m))?;

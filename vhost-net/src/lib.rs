@@ -8,6 +8,7 @@ pub mod control;
 pub mod net;
 pub use keel_sd_notify as notify;
 pub mod offload;
+pub mod poller;
 pub mod rate;
 pub mod relay;
 pub mod ring;

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use keel_vhost_net::config::{switch_from_args, Args};
-use keel_vhost_net::server::Server;
+use keel_vhost_net::poller::PollGroups;
+use keel_vhost_net::server::{ServeOptions, Server};
 use keel_vhost_net::switch::Switch;
 use keel_vhost_net::{control, notify};
 use log::{error, info};
@@ -68,7 +69,25 @@ fn main() -> ExitCode {
         }
     };
     let switch = Arc::new(Switch::with_offloads(cfg.mac_ageing, cfg.offloads));
-    let server = Server::new(switch.clone(), cfg.queue_size, cfg.poll);
+    let groups = if cfg.poll_cpus.is_empty() {
+        None
+    } else {
+        match PollGroups::start(&cfg.poll_cpus, cfg.poll) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                error!("cannot start the poll threads: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    let server = Server::new(
+        switch.clone(),
+        ServeOptions {
+            queue_size: cfg.queue_size,
+            poll: cfg.poll,
+            groups,
+        },
+    );
     for port in &cfg.ports {
         if let Err(e) = server.add_port(port.clone()) {
             error!("port {}: {e}", port.name);

@@ -19,6 +19,7 @@ use vmm_sys_util::epoll::EventSet;
 use crate::backend::{PortBackend, ATTACH_EVENT, TX_BATCH};
 use crate::config::PortConfig;
 use crate::net::{TxBatch, HDR_LEN, MAX_CHAIN_LEN};
+use crate::poller::PollGroups;
 use crate::relay::Relay;
 use crate::switch::ForwardScratch;
 use crate::switch::{lock, Port, Switch};
@@ -50,21 +51,31 @@ pub enum ServeError {
     Thread(#[from] std::io::Error),
 }
 
+/// How every port's frontends are served.
+#[derive(Clone, Default)]
+pub struct ServeOptions {
+    /// Maximum virtqueue size.
+    pub queue_size: u16,
+    /// Busy-poll idle window; zero selects event mode.
+    pub poll: Duration,
+    /// Shared polling threads (busy-poll mode only); `None`: each queue pair's worker
+    /// polls its own TX ring.
+    pub groups: Option<Arc<PollGroups>>,
+}
+
 /// The running switch: its ports and their serving threads.
 pub struct Server {
     switch: Arc<Switch>,
-    queue_size: u16,
-    poll: Duration,
+    options: ServeOptions,
     threads: Mutex<HashMap<u64, JoinHandle<()>>>,
 }
 
 impl Server {
-    /// A server with no ports yet; a non-zero `poll` selects busy-poll mode.
-    pub fn new(switch: Arc<Switch>, queue_size: u16, poll: Duration) -> Arc<Server> {
+    /// A server with no ports yet.
+    pub fn new(switch: Arc<Switch>, options: ServeOptions) -> Arc<Server> {
         Arc::new(Server {
             switch,
-            queue_size,
-            poll,
+            options,
             threads: Mutex::new(HashMap::new()),
         })
     }
@@ -86,15 +97,10 @@ impl Server {
                 return Err(ServeError::Listen { path, source });
             }
         };
-        let (switch, p, qs, poll) = (
-            self.switch.clone(),
-            port.clone(),
-            self.queue_size,
-            self.poll,
-        );
+        let (switch, p, options) = (self.switch.clone(), port.clone(), self.options.clone());
         let handle = std::thread::Builder::new()
             .name(format!("port-{}", port.name()))
-            .spawn(move || serve_port(&switch, &p, listener, qs, poll));
+            .spawn(move || serve_port(&switch, &p, listener, &options));
         let handle = match handle {
             Ok(h) => h,
             Err(e) => {
@@ -202,11 +208,10 @@ fn serve_port(
     switch: &Arc<Switch>,
     port: &Arc<Port>,
     mut listener: Listener,
-    queue_size: u16,
-    poll: Duration,
+    options: &ServeOptions,
 ) {
     while !port.is_removed() {
-        if let Err(e) = serve_one(switch, port, &mut listener, queue_size, poll) {
+        if let Err(e) = serve_one(switch, port, &mut listener, options) {
             warn!("port {}: {e}", port.name());
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -219,18 +224,18 @@ fn serve_one(
     switch: &Arc<Switch>,
     port: &Arc<Port>,
     listener: &mut Listener,
-    queue_size: u16,
-    poll: Duration,
+    options: &ServeOptions,
 ) -> Result<(), ServeError> {
     let name = port.name();
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let backend = Arc::new(PortBackend::new(
+    let backend = PortBackend::new(
         switch.clone(),
         port.clone(),
         mem.clone(),
-        queue_size,
-        poll,
-    )?);
+        options.queue_size,
+        options.poll,
+        options.groups.clone(),
+    )?;
     let mut daemon = VhostUserDaemon::new(format!("net-{name}"), backend.clone(), mem)
         .map_err(|e| ServeError::Daemon(e.to_string()))?;
     let exit = |daemon: &VhostUserDaemon<Arc<PortBackend>>| {
@@ -302,6 +307,7 @@ fn serve_one(
     let r = daemon.wait();
     port.set_connected(None);
     port.detach();
+    backend.leave_poll_groups();
     exit(&daemon);
     // Dropping the daemon joins its worker thread.
     drop(daemon);
