@@ -771,4 +771,40 @@ mod tests {
         assert!("02:00:00:00:00:0g".parse::<Mac>().is_err());
         assert!("ff:ff:ff:ff:ff:ff".parse::<Mac>().unwrap().is_multicast());
     }
+    #[test]
+    fn shared_poll_cpus() {
+        let c =
+            parse("poll_us = 50\npoll_cpus = [2, 3]\n[[port]]\nname = \"p0\"\nsocket = \"a\"\n")
+                .unwrap();
+        assert_eq!(c.poll_cpus, vec![2, 3]);
+        let e = parse("poll_cpus = [2]\n[[port]]\nname = \"p0\"\nsocket = \"a\"\n").unwrap_err();
+        assert!(e.to_string().contains("need busy-poll mode"), "{e}");
+        let e = parse("poll_us = 5\npoll_cpus = [2, 2]\n[[port]]\nname = \"p0\"\nsocket = \"a\"\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("listed twice"), "{e}");
+        let e =
+            parse("poll_us = 5\npoll_cpus = [99999]\n[[port]]\nname = \"p0\"\nsocket = \"a\"\n")
+                .unwrap_err();
+        assert!(e.to_string().contains("not a valid CPU"), "{e}");
+        let a = Args::try_parse_from([
+            "keel-vhost-net",
+            "--port",
+            "name=p0,socket=/s",
+            "--poll-us",
+            "10",
+            "--poll-cpus",
+            "0,1",
+        ])
+        .unwrap();
+        assert_eq!(switch_from_args(&a).unwrap().poll_cpus, vec![0, 1]);
+        let a = Args::try_parse_from([
+            "keel-vhost-net",
+            "--port",
+            "name=p0,socket=/s",
+            "--poll-cpus",
+            "0",
+        ])
+        .unwrap();
+        assert!(switch_from_args(&a).is_err());
+    }
 }

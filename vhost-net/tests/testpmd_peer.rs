@@ -342,3 +342,90 @@ fn queue_pairs_pinned_workers_and_rate_limits() {
     assert!(n(p1, "rx_packets") > 0, "{s1}");
     assert!(s1["pairs"].as_array().unwrap().len() == 1, "{s1}");
 }
+
+/// CPU time (user + system, in clock ticks) of each thread of `pid` named `name`.
+fn thread_ticks(pid: u32, name: &str) -> Vec<u64> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // Fields after the ")" that closes comm: state is field 3, utime 14, stime 15.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        out.push(f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap());
+    }
+    out
+}
+
+#[test]
+fn one_shared_poll_thread_serves_both_ports_across_reconnects() {
+    if !testpmd_available() {
+        return;
+    }
+    let _guard = testpmd_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let be = Backend::start(
+        d,
+        &[
+            format!("name=p0,socket={}/p0.sock,mac={MAC0}", d.display()),
+            format!("name=p1,socket={}/p1.sock,mac={MAC1}", d.display()),
+        ],
+        &["--poll-us", "200", "--poll-cpus", "0"],
+    );
+    let (p0, p1) = (d.join("p0.sock"), d.join("p1.sock"));
+    let mut rx = Testpmd::start(d, "rx", &p1, MAC1, "rxonly", 1, &[]);
+    be.wait_for(60, "p1 connected", |b| b.port("p1")["connected"] == true);
+    for round in 0..2 {
+        let before = be.counter("p1", "rx_packets");
+        let mut tx = Testpmd::start(
+            d,
+            &format!("tx{round}"),
+            &p0,
+            MAC0,
+            "txonly",
+            1,
+            &[&format!("--eth-peer=0,{MAC1}")],
+        );
+        be.wait_for(60, "frames on p1", |b| {
+            b.counter("p1", "rx_packets") > before + 20_000
+        });
+        tx.stop();
+        be.wait_for(20, "p0 disconnected", |b| {
+            b.port("p0")["connected"] == false
+        });
+    }
+    let log = std::fs::read_to_string(&be.log).unwrap();
+    assert!(log.contains("poll group pinned to CPU 0"), "{log}");
+    // p0's TX ring went to the group once per connection.
+    assert_eq!(
+        log.matches("p0: TX ring of pair 0 polled on CPU 0").count(),
+        2,
+        "{log}"
+    );
+    // The group did the polling: the per-pair workers only relay kicks.
+    let poll = thread_ticks(be.pid(), "poll-cpu0");
+    let workers: u64 = thread_ticks(be.pid(), "vring_worker").iter().sum();
+    assert_eq!(poll.len(), 1);
+    assert!(poll[0] > 2 * workers, "poll {poll:?} workers {workers}");
+    // Everything p0 sent reached p1 or was counted as dropped there.
+    let (s0, s1) = (be.port("p0"), be.port("p1"));
+    let c1 = |k: &str| s1[k].as_u64().unwrap();
+    assert_eq!(
+        s0["tx_packets"].as_u64().unwrap(),
+        c1("rx_packets") + c1("drop_rx_no_buffer") + c1("drop_rx_not_ready"),
+        "p0 {s0}\np1 {s1}"
+    );
+    let rx_log = rx.stop();
+    assert_eq!(
+        last_count(&rx_log, "RX-packets:").unwrap(),
+        c1("rx_packets"),
+        "{rx_log}"
+    );
+}
