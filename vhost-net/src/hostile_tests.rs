@@ -771,3 +771,101 @@ fn indirect_tables_outside_memory_or_nested_are_dropped() {
     let (batch, _) = pop_one(&mem, &[&[(table, 16, ind)]]);
     assert_eq!(batch.frames[0].frame, Err(TxDrop::BadDescriptor));
 }
+
+#[test]
+fn gso_frames_are_segmented_for_ports_without_tso() {
+    use crate::offload::{self, GSO_ECN, GSO_TCPV4, GSO_TCPV6, GSO_UDP};
+    use crate::segment::tests::{check_segment, gso_hdr, tcp_frame};
+    // p0 sends with every offload; p1 takes them; p2 takes none.
+    let b = Bench::new(&[Some(B), None, None]);
+    b.ports[0].set_features(FEATURES | offload::OFFLOAD_FEATURES);
+    b.ports[1].set_features(FEATURES | offload::OFFLOAD_FEATURES);
+    let mss = 1448usize;
+    let payload = 3 * mss + 517;
+    // The frame's source is B (its destination A is unknown: flooded to p1 and p2).
+    let mut v4 = tcp_frame(true, false, payload, 0x19);
+    v4[..12].copy_from_slice(&[A, B].concat());
+    send_with_header(&b, 0, &[v4.clone()], &gso_hdr(GSO_TCPV4, 70, mss as u16));
+    // p1 negotiated TSO4: one frame with the GSO header.
+    let (h, got) = received(&b, 1, 0, 2048 - HDR_LEN);
+    assert_eq!((h[1], u16::from_le_bytes([h[4], h[5]])), (GSO_TCPV4, 1448));
+    assert_eq!(got[..], v4[..2048 - HDR_LEN]);
+    assert_eq!(b.counters(1).rx_packets, 1);
+    assert_eq!(b.counters(1).sw_segmented, 0);
+    // p2: four segments, each with a plain header and complete checksums.
+    let mut data = Vec::new();
+    let mut rx_bytes = 0;
+    for k in 0..4u64 {
+        let len = 14 + 24 + 32 + if k == 3 { 517 } else { mss };
+        let (h, seg) = received(&b, 2, k, len);
+        assert_eq!(&h[..10], &[0u8; 10]);
+        assert_eq!(u16::from_le_bytes([h[10], h[11]]), 1);
+        let (id, seq, flags, d) = check_segment(&seg, true);
+        assert_eq!(id, 0xabcdu16.wrapping_add(k as u16));
+        assert_eq!(seq, 0xffff_f000u32.wrapping_add(k as u32 * 1448));
+        assert_eq!(flags, if k == 3 { 0x19 } else { 0x10 });
+        data.extend_from_slice(&d);
+        rx_bytes += len as u64;
+    }
+    assert_eq!(data[..], v4[v4.len() - payload..]);
+    let c = b.counters(2);
+    assert_eq!(
+        (c.rx_packets, c.rx_bytes, c.sw_segmented, c.drop_rx_offload),
+        (4, rx_bytes, 1, 0)
+    );
+    let pair = b.ports[2].stats().pairs[0];
+    assert_eq!(
+        (pair.rx_packets, pair.rx_bytes, pair.rx_drops),
+        (4, rx_bytes, 0)
+    );
+    let json = serde_json::to_value(b.ports[2].stats()).unwrap();
+    assert_eq!(json["sw_segmented"], 1);
+
+    // TCPv6 with ECN, in a VLAN: p2 gets two segments (chains 4 and 5).
+    let mut v6 = tcp_frame(false, true, 2000, 0x90);
+    v6[..12].copy_from_slice(&[A, B].concat());
+    send_with_header(&b, 0, &[v6], &gso_hdr(GSO_TCPV6 | GSO_ECN, 0, 1000));
+    for (k, flags) in [(4u64, 0x90), (5, 0x10)] {
+        let (_, mut seg) = received(&b, 2, k, 18 + 40 + 32 + 1000);
+        assert_eq!(&seg[12..16], &[0x81, 0, 0, 7]);
+        seg.drain(12..16);
+        let (_, _, fl, d) = check_segment(&seg, false);
+        assert_eq!((fl, d.len()), (flags, 1000));
+    }
+    assert_eq!(b.counters(2).sw_segmented, 2);
+
+    // Hostile or unsupported: gso_size 0, IPv4 GSO type on IPv6, UDP GSO, a truncated
+    // TCP header. Dropped and counted, nothing written.
+    let mut short = v4[..60].to_vec();
+    short[16..18].copy_from_slice(&46u16.to_be_bytes());
+    let v6 = {
+        let mut f = tcp_frame(false, false, 3000, 0x10);
+        f[..12].copy_from_slice(&[A, B].concat());
+        f
+    };
+    for (f, h) in [
+        (&v4, gso_hdr(GSO_TCPV4, 70, 0)),
+        (&v6, gso_hdr(GSO_TCPV4, 0, 1448)),
+        (&v4, gso_hdr(GSO_UDP, 0, 1448)),
+        (&short, gso_hdr(GSO_TCPV4, 0, 1448)),
+    ] {
+        send_with_header(&b, 0, std::slice::from_ref(f), &h);
+    }
+    let c = b.counters(2);
+    assert_eq!((c.rx_packets, c.drop_rx_offload, c.sw_segmented), (6, 4, 2));
+    assert_eq!(b.ports[2].stats().pairs[0].rx_drops, 4);
+
+    // Ten segments for the ten RX chains left: all delivered; then the next frame
+    // finds no buffer and counts as one no-buffer drop.
+    send_with_header(&b, 0, &[v4.clone()], &gso_hdr(GSO_TCPV4, 0, 490));
+    let c = b.counters(2);
+    assert_eq!(
+        (c.rx_packets, c.sw_segmented, c.drop_rx_no_buffer),
+        (16, 3, 0)
+    );
+    let (_, seg) = received(&b, 2, 15, 14 + 24 + 32 + 4861 - 9 * 490);
+    assert_eq!(check_segment(&seg, true).2, 0x19);
+    send_with_header(&b, 0, &[v4], &gso_hdr(GSO_TCPV4, 0, 1448));
+    let c = b.counters(2);
+    assert_eq!((c.rx_packets, c.drop_rx_no_buffer), (16, 1));
+}

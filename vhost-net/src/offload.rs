@@ -4,8 +4,12 @@
 //! features and the TAP uplink enables the matching `TUNSETOFFLOAD` flags. The
 //! sender's header travels with the frame. For a receiver that did not negotiate:
 //! - GUEST_CSUM: a partial checksum (`NEEDS_CSUM`) is completed in software;
-//! - the GUEST_TSO4/TSO6/UFO (and ECN) feature matching a GSO frame: the frame is
-//!   dropped and counted as `drop_rx_offload` (no software segmentation).
+//! - the GUEST_TSO4/TSO6 (and ECN) feature matching a TCP GSO frame: the frame is split
+//!   into `gso_size` segments with complete checksums in software
+//!   ([`crate::segment`]), counted as `sw_segmented`; a frame that fails the checks
+//!   there is dropped and counted as `drop_rx_offload`;
+//! - GUEST_UFO for a UDP GSO frame: the frame is dropped and counted as
+//!   `drop_rx_offload` (UDP is not segmented).
 //!
 //! A sender's header is only honoured for the offloads it negotiated (CSUM for
 //! `NEEDS_CSUM`, HOST_* for GSO); anything else is cleared.
@@ -100,6 +104,9 @@ pub enum RxPlan {
     Pass([u8; HDR_LEN]),
     /// Complete the checksum in software, then write this header.
     CompleteCsum([u8; HDR_LEN]),
+    /// Split this TCP GSO frame in software ([`crate::segment`]) and write each
+    /// segment with this (plain) header.
+    Segment([u8; HDR_LEN]),
     /// The receiver cannot take this GSO frame.
     Drop,
 }
@@ -108,14 +115,25 @@ pub enum RxPlan {
 pub fn plan_rx(h: &[u8; HDR_LEN], features: u64) -> RxPlan {
     let gso = h[1];
     if gso != GSO_NONE {
-        let ok = match gso & !GSO_ECN {
-            GSO_TCPV4 => has(features, F_GUEST_TSO4),
-            GSO_TCPV6 => has(features, F_GUEST_TSO6),
-            GSO_UDP => has(features, F_GUEST_UFO),
-            _ => false,
-        } && (gso & GSO_ECN == 0 || has(features, F_GUEST_ECN));
+        // GSO frames carry partial checksums: a receiver without GUEST_CSUM (which
+        // the GUEST_TSO/UFO features require) cannot take them either.
+        let ok = has(features, F_GUEST_CSUM)
+            && match gso & !GSO_ECN {
+                GSO_TCPV4 => has(features, F_GUEST_TSO4),
+                GSO_TCPV6 => has(features, F_GUEST_TSO6),
+                GSO_UDP => has(features, F_GUEST_UFO),
+                _ => false,
+            }
+            && (gso & GSO_ECN == 0 || has(features, F_GUEST_ECN));
         if !ok {
-            return RxPlan::Drop;
+            return match gso & !GSO_ECN {
+                GSO_TCPV4 | GSO_TCPV6 => {
+                    let mut plain = [0u8; HDR_LEN];
+                    plain[NUM_BUFFERS_OFFSET] = 1;
+                    RxPlan::Segment(plain)
+                }
+                _ => RxPlan::Drop,
+            };
         }
     }
     let mut out = *h;
@@ -198,7 +216,30 @@ mod tests {
     #[test]
     fn receivers_get_what_they_negotiated() {
         let gso = hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4, 34, 16);
-        assert_eq!(plan_rx(&gso, 1 << F_GUEST_CSUM), RxPlan::Drop);
+        let mut plain = [0u8; HDR_LEN];
+        plain[10] = 1;
+        assert_eq!(plan_rx(&gso, 1 << F_GUEST_CSUM), RxPlan::Segment(plain));
+        // TSO6 does not take TCPv4; TSO4 without ECN does not take ECN frames.
+        assert_eq!(plan_rx(&gso, 1 << F_GUEST_TSO6), RxPlan::Segment(plain));
+        let ecn = hdr(HDR_F_NEEDS_CSUM, GSO_TCPV6 | GSO_ECN, 54, 16);
+        assert_eq!(plan_rx(&ecn, 1 << F_GUEST_TSO6), RxPlan::Segment(plain));
+        let csum = 1 << F_GUEST_CSUM;
+        assert!(matches!(
+            plan_rx(&ecn, csum | 1 << F_GUEST_TSO6 | 1 << F_GUEST_ECN),
+            RxPlan::Pass(h) if h[1] == GSO_TCPV6 | GSO_ECN && h[4..6] == [0xa8, 5]
+        ));
+        // TSO without GUEST_CSUM (not valid virtio) is segmented, not passed on with
+        // a cleared header.
+        assert_eq!(
+            plan_rx(&ecn, 1 << F_GUEST_TSO6 | 1 << F_GUEST_ECN),
+            RxPlan::Segment(plain)
+        );
+        // UDP fragmentation is not segmented.
+        let udp = hdr(HDR_F_NEEDS_CSUM, GSO_UDP, 34, 6);
+        assert_eq!(
+            plan_rx(&udp, OFFLOAD_FEATURES & !(1 << F_GUEST_UFO)),
+            RxPlan::Drop
+        );
         match plan_rx(&gso, OFFLOAD_FEATURES) {
             RxPlan::Pass(h) => assert_eq!((h[0], h[1], h[10]), (1, GSO_TCPV4, 1)),
             p => panic!("{p:?}"),

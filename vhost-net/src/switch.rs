@@ -14,6 +14,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use crate::config::{Mac, PortConfig};
 use crate::net::{self, Frame, RxDrop, RxScratch, RxWriter, TxBatch, TxDrop};
 use crate::offload::{self, RxPlan};
+use crate::segment::Gso;
 use crate::tap::Tap;
 
 /// Guest memory as the vhost-user-backend crate shares it.
@@ -53,6 +54,7 @@ pub struct Counters {
     drop_rx_not_ready: AtomicU64,
     drop_rate_limit: AtomicU64,
     drop_rx_offload: AtomicU64,
+    sw_segmented: AtomicU64,
 }
 
 /// A copy of a port's counters.
@@ -86,9 +88,13 @@ pub struct CounterSnapshot {
     pub drop_rx_not_ready: u64,
     /// TX frames over the port's bits/s or packets/s limit.
     pub drop_rate_limit: u64,
-    /// Frames for this port with an offload it did not negotiate (GSO), or with
-    /// checksum offsets outside the frame.
+    /// Frames for this port with an offload it did not negotiate and that are not
+    /// segmented in software (UDP GSO), TCP GSO frames that fail the segmentation
+    /// checks, or frames with checksum offsets outside the frame.
     pub drop_rx_offload: u64,
+    /// TCP GSO frames for this port split into segments in software (each segment
+    /// delivered counts in `rx_packets`/`rx_bytes`).
+    pub sw_segmented: u64,
 }
 
 impl Counters {
@@ -132,6 +138,7 @@ impl Counters {
             drop_rx_not_ready: g(&self.drop_rx_not_ready),
             drop_rate_limit: g(&self.drop_rate_limit),
             drop_rx_offload: g(&self.drop_rx_offload),
+            sw_segmented: g(&self.sw_segmented),
         }
     }
 }
@@ -392,8 +399,8 @@ impl Port {
         let frame = |i: usize| batch.frames.get(i).and_then(|f| f.frame.as_ref().ok());
         let features = self.features();
         if let Some(tap) = &self.tap {
-            let (mut ok, mut bytes, mut full, mut failed, mut offl) =
-                (0u64, 0u64, 0u64, 0u64, 0u64);
+            let (mut ok, mut bytes, mut full, mut failed, mut offl, mut segmented) =
+                (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
             for &(i, _) in frames {
                 let Some(f) = frame(i) else { continue };
                 let h = offload::sanitize_tx(&f.vnet, src_features);
@@ -412,6 +419,22 @@ impl Port {
                         }
                         tap.send_bytes(&h, &rx.copy)
                     }
+                    RxPlan::Segment(out) => {
+                        let sent =
+                            send_segments(&mut rx.copy, batch, f, &h, |s| tap.send_bytes(&out, s));
+                        let Some(sent) = sent else {
+                            offl += 1;
+                            continue;
+                        };
+                        ok += sent.packets;
+                        bytes += sent.bytes;
+                        segmented += u64::from(sent.packets > 0);
+                        match sent.result {
+                            // Counted above, segment by segment.
+                            Ok(()) => continue,
+                            Err(e) => Err(e),
+                        }
+                    }
                 };
                 match r {
                     Ok(()) => {
@@ -428,6 +451,7 @@ impl Port {
             Counters::add(&c.drop_rx_no_buffer, full);
             Counters::add(&c.drop_rx_not_ready, failed);
             Counters::add(&c.drop_rx_offload, offl);
+            Counters::add(&c.sw_segmented, segmented);
             self.pair(0).rx(ok, bytes, full + failed + offl);
             return;
         }
@@ -458,8 +482,8 @@ impl Port {
             self.pair(pair).rx(0, 0, frames.len() as u64);
             return;
         };
-        let (mut ok, mut bytes, mut no_buf, mut too_big, mut bad, mut offl) =
-            (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+        let (mut ok, mut bytes, mut no_buf, mut too_big, mut bad, mut offl, mut segmented) =
+            (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
         let plain = net::plain_header(hdr_len);
         let plain = &plain[..hdr_len];
         for (k, &(i, _)) in frames.iter().enumerate() {
@@ -469,7 +493,17 @@ impl Port {
             } else {
                 match self.offload_write(&mut w, batch, f, src_features, features, hdr_len, mrg, rx)
                 {
-                    Some(r) => r,
+                    Some(Written::Frame(r)) => r,
+                    Some(Written::Segments(sent)) => {
+                        ok += sent.packets;
+                        bytes += sent.bytes;
+                        segmented += u64::from(sent.packets > 0);
+                        match sent.result {
+                            // Counted above, segment by segment.
+                            Ok(()) => continue,
+                            Err(e) => Err(e),
+                        }
+                    }
                     None => {
                         offl += 1;
                         continue;
@@ -501,6 +535,7 @@ impl Port {
         Counters::add(&c.drop_rx_too_big, too_big);
         Counters::add(&c.drop_rx_bad_descriptor, bad);
         Counters::add(&c.drop_rx_offload, offl);
+        Counters::add(&c.sw_segmented, segmented);
         self.pair(pair).rx(ok, bytes, no_buf + too_big + bad + offl);
     }
 
@@ -517,25 +552,104 @@ impl Port {
         hdr_len: usize,
         mrg: bool,
         rx: &mut RxScratch,
-    ) -> Option<Result<(), RxDrop>> {
+    ) -> Option<Written> {
         let h = offload::sanitize_tx(&f.vnet, src_features);
         match offload::plan_rx(&h, features) {
             RxPlan::Drop => None,
-            RxPlan::Pass(out) => Some(w.write(&out[..hdr_len], batch, f, mrg, rx)),
+            RxPlan::Pass(out) => Some(Written::Frame(w.write(&out[..hdr_len], batch, f, mrg, rx))),
             RxPlan::CompleteCsum(out) => {
                 let mut copy = std::mem::take(&mut rx.copy);
                 copy.clear();
                 batch.gather(f, &mut copy);
                 let r = if offload::complete_checksum(&mut copy, &h) {
-                    Some(w.write_pieces(&out[..hdr_len], &[(copy.as_ptr(), copy.len())], mrg, rx))
+                    Some(Written::Frame(w.write_pieces(
+                        &out[..hdr_len],
+                        &[(copy.as_ptr(), copy.len())],
+                        mrg,
+                        rx,
+                    )))
                 } else {
                     None
                 };
                 rx.copy = copy;
                 r
             }
+            RxPlan::Segment(out) => {
+                let mut copy = std::mem::take(&mut rx.copy);
+                let sent = send_segments(&mut copy, batch, f, &h, |s| {
+                    w.write_pieces(&out[..hdr_len], &[(s.as_ptr(), s.len())], mrg, rx)
+                });
+                rx.copy = copy;
+                sent.map(Written::Segments)
+            }
         }
     }
+}
+
+/// What writing one frame with offloads into an RX queue did.
+enum Written {
+    /// The frame was written as one (its header passed on or its checksum completed).
+    Frame(Result<(), RxDrop>),
+    /// The frame was split in software.
+    Segments(Sent<RxDrop>),
+}
+
+/// The segments of one GSO frame that were sent.
+struct Sent<E> {
+    /// Segments sent.
+    packets: u64,
+    /// Their bytes.
+    bytes: u64,
+    /// `Ok` when every segment went, else why the next one did not (the rest of the
+    /// frame is not sent).
+    result: Result<(), E>,
+}
+
+/// Splits frame `f` of `batch` (sanitized header `h`) into TCP segments and passes
+/// each to `send`, in order, until one fails. `copy` is scratch space: the frame is
+/// gathered at its start and each segment is built after it, so a buffer reused
+/// across frames needs no allocation once it has grown. `None` when the frame fails
+/// the checks of [`Gso::parse`].
+fn send_segments<E>(
+    copy: &mut Vec<u8>,
+    batch: &TxBatch,
+    f: &Frame,
+    h: &[u8; net::HDR_LEN],
+    mut send: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Option<Sent<E>> {
+    copy.clear();
+    batch.gather(f, copy);
+    let g = match Gso::parse(copy, h) {
+        Ok(g) => g,
+        Err(e) => {
+            log::debug!("GSO frame not segmented: {e}");
+            return None;
+        }
+    };
+    let n = copy.len();
+    let mut sent = Sent {
+        packets: 0,
+        bytes: 0,
+        result: Ok(()),
+    };
+    for k in 0..g.segments() {
+        let len = g.segment_len(k);
+        copy.truncate(n);
+        copy.resize(n + len, 0);
+        let (frame, seg) = copy.split_at_mut(n);
+        // Cannot fail: `g` was parsed from `frame` and `seg` has its segment's length.
+        if !g.write_segment(frame, k, seg) {
+            return None;
+        }
+        if let Err(e) = send(seg) {
+            sent.result = Err(e);
+            break;
+        }
+        sent.packets += 1;
+        sent.bytes += len as u64;
+    }
+    copy.truncate(n);
+    Some(sent)
 }
 
 /// A cheap keyed hash for MAC addresses: the 48 bits, XORed with a per-process random
