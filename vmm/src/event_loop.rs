@@ -17,7 +17,7 @@ use log::{debug, error, info, warn};
 use serde_json::json;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::backends::{BackendWatch, TOKEN_RECONNECT_TIMER};
+use crate::backends::{BackendWatch, TOKEN_BACKEND_BACK};
 use crate::control::{Connection, Input, Reply, Request};
 use crate::signals::{signal_name, StopSignals};
 use crate::vcpu::{VcpuEvent, VcpuThreads};
@@ -439,7 +439,7 @@ impl MutEventSubscriber for EventLoop {
             TOKEN_STDIN => self.handle_stdin(set, ops),
             TOKEN_INPUT_SPACE => self.handle_input_space(ops),
             TOKEN_CONTROL_LISTENER => self.handle_accept(ops),
-            TOKEN_RECONNECT_TIMER => self.backends.handle_timer(ops),
+            TOKEN_BACKEND_BACK => self.backends.handle_back(ops),
             token if BackendWatch::owns(token) => self.backends.handle_hangup(token, set, ops),
             TOKEN_WATCHDOG => {
                 if let Some(w) = &mut self.watchdog {

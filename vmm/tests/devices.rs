@@ -340,6 +340,54 @@ fn disk_io_survives_a_backend_crash_and_restart() {
     assert_probe_pattern(&std::fs::read(&image).unwrap(), 0);
 }
 
+/// A socket that accepts connections and never answers, until dropped.
+struct HungListener {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl HungListener {
+    fn bind(path: &Path) -> HungListener {
+        use std::sync::atomic::Ordering;
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (s, a) = (stop.clone(), accepted.clone());
+        let thread = thread::spawn(move || {
+            let mut held = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        held.push(conn);
+                        a.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        HungListener {
+            stop,
+            accepted,
+            thread: Some(thread),
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for HungListener {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Builds (once) and returns the project's own blk backend.
 fn keel_vhost_blk() -> std::path::PathBuf {
     static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
@@ -388,6 +436,35 @@ fn guest_data_goes_through_keel_vhost_blk_and_survives_its_restart() {
         "device disk0: backend disconnected",
         Duration::from_secs(30),
     );
+    // Meanwhile something accepts on the socket and never answers: reconnect
+    // attempts wait for it (up to the reply deadline), but the event loop must not:
+    // the control socket keeps answering at once.
+    let _ = std::fs::remove_file(&socket);
+    let hung = HungListener::bind(&socket);
+    let ctl_stats = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_keel-vmm"))
+            .args(["ctl", "--socket"])
+            .arg(&control)
+            .arg("stats")
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut slowest = Duration::ZERO;
+    while Instant::now() < deadline {
+        let t = Instant::now();
+        let stats = ctl_stats();
+        slowest = slowest.max(t.elapsed());
+        assert_eq!(stats["devices"][0]["backend"], "disconnected", "{stats}");
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        hung.accepted() >= 1,
+        "no reconnect attempt reached the socket"
+    );
+    assert!(slowest < Duration::from_secs(1), "stats took {slowest:?}");
+    drop(hung);
     let _ = std::fs::remove_file(&socket);
     let _backend2 = start_keel_vhost_blk(&image, &socket, "keel-disk-1");
     vmm.stderr
