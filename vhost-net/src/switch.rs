@@ -174,6 +174,9 @@ pub struct PairSnapshot {
     /// Frames for this pair's RX ring dropped there (no buffer, too big, bad chain,
     /// offload the port did not negotiate).
     pub rx_drops: u64,
+    /// Whether the frontend has this pair's RX ring set up and enabled (a
+    /// multiqueue driver enables only the pairs it uses).
+    pub enabled: bool,
 }
 
 impl PairCounters {
@@ -200,6 +203,7 @@ impl PairCounters {
             rx_packets: g(&self.rx_packets),
             rx_bytes: g(&self.rx_bytes),
             rx_drops: g(&self.rx_drops),
+            enabled: false,
         }
     }
 }
@@ -374,12 +378,20 @@ impl Port {
             rate_pps: self.limiter.get().1,
             features: self.features(),
             counters: self.counters.snapshot(),
-            pairs: self
-                .pairs
-                .iter()
-                .enumerate()
-                .map(|(i, p)| p.snapshot(i))
-                .collect(),
+            pairs: {
+                let rx = read(&self.rx);
+                self.pairs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| PairSnapshot {
+                        enabled: rx.get(i).and_then(Option::as_ref).is_some_and(|t| {
+                            let state = t.vring.get_ref();
+                            state.get_queue().ready() && state.is_enabled()
+                        }),
+                        ..p.snapshot(i)
+                    })
+                    .collect()
+            },
         }
     }
 

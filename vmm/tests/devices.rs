@@ -603,12 +603,18 @@ fn a_two_pair_nic_on_keel_vhost_net_still_echoes_on_pair_zero() {
     cross_keel_vhost_net(2);
 }
 
-fn cross_keel_vhost_net(pairs: u16) {
-    let _dpdk = dpdk_lock();
-    let dir = SandboxDir::new();
-    let vm_sock = dir.path("vm.sock");
-    let peer_sock = dir.path("peer.sock");
-    let switch_log = dir.path("switch.log");
+/// keel-vhost-net with a port `vm` (`pairs` queue pairs) at `dir/vm.sock`, a port
+/// `peer` at `dir/peer.sock`, a control socket at `dir/switch-control.sock`, logging
+/// to `log` (appended).
+fn start_switch(dir: &SandboxDir, pairs: u16, log: &Path) -> Backend {
+    let (vm_sock, peer_sock) = (dir.path("vm.sock"), dir.path("peer.sock"));
+    let _ = std::fs::remove_file(&vm_sock);
+    let _ = std::fs::remove_file(&peer_sock);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
     let switch = Command::new(own_backend("keel-vhost-net"))
         .arg("--port")
         .arg(format!(
@@ -617,16 +623,57 @@ fn cross_keel_vhost_net(pairs: u16) {
         ))
         .arg("--port")
         .arg(format!("name=peer,socket={}", peer_sock.display()))
+        .arg("--control")
+        .arg(dir.path("switch-control.sock"))
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&switch_log).unwrap())
+        .stderr(log)
         .spawn()
         .unwrap();
-    let _switch = Backend(switch);
+    let switch = Backend(switch);
     wait_for_socket(&vm_sock);
     wait_for_socket(&peer_sock);
-    // A real vhost-user frontend on the other port that echoes every frame with
-    // its MAC addresses swapped.
+    switch
+}
+
+/// One port's stats from keel-vhost-net's control socket.
+fn switch_port(dir: &SandboxDir, port: &str) -> serde_json::Value {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(dir.path("switch-control.sock")).unwrap();
+    s.write_all(b"{\"cmd\":\"stats\"}\n").unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut line).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    v["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == port)
+        .cloned()
+        .unwrap()
+}
+
+/// Waits until `log` has `times` lines containing `what`.
+fn wait_in_log(log: &Path, what: &str, times: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches(what)
+        .count()
+        < times
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{what:?} never seen {times}x in {}",
+            log.display()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// testpmd's virtio-user PMD on `socket`, echoing every frame with its MAC
+/// addresses swapped: a real vhost-user frontend on the switch's other port.
+fn virtio_user_macswap(socket: &Path) -> Option<Backend> {
     let peer = Command::new("dpdk-testpmd")
         .args([
             "--lcores=0@0,1@0",
@@ -641,7 +688,7 @@ fn cross_keel_vhost_net(pairs: u16) {
         ])
         .arg(format!(
             "net_virtio_user0,path={},queues=1",
-            peer_sock.display()
+            socket.display()
         ))
         .args([
             "--",
@@ -654,23 +701,26 @@ fn cross_keel_vhost_net(pairs: u16) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn();
-    let Ok(peer) = peer else {
-        eprintln!("skipping: dpdk-testpmd is not available; run scripts/setup.sh");
+    match peer {
+        Ok(p) => Some(Backend(p)),
+        Err(e) => {
+            eprintln!("skipping: dpdk-testpmd is not available ({e}); run scripts/setup.sh");
+            None
+        }
+    }
+}
+
+fn cross_keel_vhost_net(pairs: u16) {
+    let _dpdk = dpdk_lock();
+    let dir = SandboxDir::new();
+    let vm_sock = dir.path("vm.sock");
+    let switch_log = dir.path("switch.log");
+    let _switch = start_switch(&dir, pairs, &switch_log);
+    let Some(_peer) = virtio_user_macswap(&dir.path("peer.sock")) else {
         return;
     };
-    let _peer = Backend(peer);
     // Wait until the peer's rings are up on the switch before the guest sends.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&switch_log)
-        .unwrap_or_default()
-        .contains("port peer: frontend connected")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "testpmd never connected to the switch"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_in_log(&switch_log, "port peer: frontend connected", 1);
     thread::sleep(Duration::from_millis(500));
     let config = dir.probe_config(
         "net",
@@ -692,6 +742,56 @@ fn cross_keel_vhost_net(pairs: u16) {
         out.contains("keel-probe: virtio done blk=skipped net=ok"),
         "{out}"
     );
+}
+
+#[test]
+fn a_restarted_nic_backend_gets_only_the_queue_pairs_the_driver_enabled() {
+    let dir = SandboxDir::new();
+    let switch_log = dir.path("switch.log");
+    let mut switch = start_switch(&dir, 2, &switch_log);
+    // No peer answers: the probe waits (up to its timeout) for echoes with the NIC
+    // running, long enough to crash and restart the switch under it.
+    let config = dir.probe_config(
+        "net probe.timeout_ms=30000 probe.net_pairs=2",
+        1,
+        &format!(
+            "[devices]\nconnect_timeout = \"20s\"\n\
+             [[net]]\nid = \"net0\"\nsocket = \"{}\"\nmac = \"52:54:00:12:34:56\"\nqueue_pairs = 2\n",
+            dir.path("vm.sock").display()
+        ),
+    );
+    let mut vmm = Vmm::start(&config);
+    vmm.stdout
+        .wait_for("keel-probe: virtio-net mq pairs_set_up=2", BOOT_TIMEOUT);
+    let pairs_enabled = |dir: &SandboxDir| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let vm = switch_port(dir, "vm");
+            if vm["pairs"][0]["enabled"] == true || Instant::now() > deadline {
+                return vm;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // The probe's driver negotiates MQ, sets up two pairs and uses one: the VMM
+    // enabled pair 0 only.
+    let vm = pairs_enabled(&dir);
+    assert_eq!(vm["pairs"][0]["enabled"], true, "{vm}");
+    assert_eq!(vm["pairs"][1]["enabled"], false, "{vm}");
+    // The switch crashes and comes back.
+    let _ = switch.0.kill();
+    let _ = switch.0.wait();
+    vmm.stderr
+        .wait_for("device net0: backend disconnected", Duration::from_secs(30));
+    switch = start_switch(&dir, 2, &switch_log);
+    vmm.stderr
+        .wait_for("device net0: backend is back", Duration::from_secs(30));
+    // The replayed rings are those the driver had enabled, not all of them.
+    let vm = pairs_enabled(&dir);
+    assert_eq!(vm["pairs"][0]["enabled"], true, "{vm}");
+    assert_eq!(vm["pairs"][1]["enabled"], false, "{vm}");
+    drop(switch);
+    let _ = vmm.wait(BOOT_TIMEOUT);
 }
 
 #[test]

@@ -71,6 +71,9 @@ pub struct VhostUserConnection {
     /// on this connection.
     regions_added: bool,
     started: Vec<usize>,
+    /// Started rings the driver turned off (multiqueue pairs it does not use): a
+    /// replay after a backend restart leaves them off.
+    disabled: Vec<usize>,
     /// What was started, to replay on a new connection after a backend restart.
     replay: Option<Replay>,
 }
@@ -233,6 +236,7 @@ impl VhostUserConnection {
             inflight_shape: None,
             regions_added: false,
             started: Vec::new(),
+            disabled: Vec::new(),
             replay: None,
         })
     }
@@ -520,7 +524,7 @@ impl VhostUserConnection {
             self.frontend
                 .set_vring_kick(q.index, &q.kick)
                 .map_err(|e| self.backend_error(&step("SET_VRING_KICK"), e))?;
-            if protocol_bit != 0 {
+            if protocol_bit != 0 && !self.disabled.contains(&q.index) {
                 self.frontend
                     .set_vring_enable(q.index, true)
                     .map_err(|e| self.backend_error(&step("SET_VRING_ENABLE"), e))?;
@@ -540,8 +544,23 @@ impl VhostUserConnection {
         Ok(())
     }
 
+    /// Marks rings to be left disabled when they are started next (multiqueue pairs
+    /// the driver does not use yet), so they are never enabled in between.
+    pub fn start_disabled(&mut self, rings: impl IntoIterator<Item = usize>) {
+        for q in rings {
+            if !self.disabled.contains(&q) {
+                self.disabled.push(q);
+            }
+        }
+    }
+
     /// Enables or disables a started ring (multiqueue pair selection).
     pub fn set_ring_enabled(&mut self, index: usize, enabled: bool) -> Result<(), String> {
+        // Remembered first: a backend that is gone gets the state on reconnect.
+        self.disabled.retain(|&q| q != index);
+        if !enabled {
+            self.disabled.push(index);
+        }
         let _deadline = ReplyDeadline::arm(self.frontend.as_raw_fd(), REPLY_TIMEOUT);
         if self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
             return Err("the backend has no per-ring enable (no protocol features)".to_owned());
@@ -567,6 +586,7 @@ impl VhostUserConnection {
             }
         }
         self.replay = None;
+        self.disabled.clear();
         // A driver reset starts the device afresh: nothing is in flight any more.
         self.inflight = None;
     }

@@ -198,17 +198,17 @@ impl VirtioDevice for VhostUserNet {
         let (data, ctrl): (Vec<QueueSetup>, Vec<QueueSetup>) =
             queues.into_iter().partition(|q| q.index < data_queues);
         let backend_acked = features & self.backend_features;
-        self.conn().start(mem, backend_acked, &data, interrupts)?;
-        let started: Vec<usize> = data.iter().map(|q| q.index).collect();
         let mq = features & (1 << F_MQ) != 0;
-        if mq {
-            // Until the driver asks for more, only the first pair is in use.
-            let mut selector = PairSelector {
-                conn: Arc::clone(&self.conn),
-                started: started.clone(),
-            };
-            selector.set_queue_pairs(1);
+        {
+            let mut conn = self.conn();
+            if mq {
+                // Until the driver asks for more, only the first pair is in use: the
+                // others start disabled.
+                conn.start_disabled(data.iter().map(|q| q.index).filter(|&q| q >= 2));
+            }
+            conn.start(mem, backend_acked, &data, interrupts)?;
         }
+        let started: Vec<usize> = data.iter().map(|q| q.index).collect();
         if let (Some(setup), true) = (ctrl.first(), features & (1 << F_CTRL_VQ) != 0) {
             let selector = PairSelector {
                 conn: Arc::clone(&self.conn),

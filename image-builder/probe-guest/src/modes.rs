@@ -14,6 +14,10 @@ const TSC_KHZ_KEY: &[u8] = b"probe.tsc_khz";
 const TIMEOUT_KEY: &[u8] = b"probe.timeout_ms";
 const ROUNDS_KEY: &[u8] = b"probe.rounds";
 const REASSIGN_KEY: &[u8] = b"probe.pci_reassign";
+/// Queue pairs the virtio-net driver sets up (`probe.net_pairs=2`: negotiate MQ
+/// and set up a second pair it never uses, like a Linux driver with one active
+/// pair).
+const NET_PAIRS_KEY: &[u8] = b"probe.net_pairs";
 /// Default device test timeout (one request; the wait for network replies).
 const TIMEOUT_MS_DEFAULT: u64 = 2000;
 /// Longest echoed line; longer lines are cut to this length.
@@ -75,8 +79,12 @@ impl<'a> Mode<'a> {
                 let reassign_bars = crate::cmdline::value(cmdline, REASSIGN_KEY)
                     .and_then(crate::cmdline::parse_u64)
                     .is_some_and(|v| v != 0);
+                let net_pairs = crate::cmdline::value(cmdline, NET_PAIRS_KEY)
+                    .and_then(crate::cmdline::parse_u64)
+                    .map_or(1, |n| n.clamp(1, 2) as u16);
                 Self::Devices(Devices {
                     rounds,
+                    net_pairs,
                     reassign_bars,
                     pci_only: name == b"pci",
                     blk: matches!(name, b"virtio" | b"blk"),
@@ -106,6 +114,8 @@ pub struct Devices {
     pub rounds: u64,
     /// Move every memory BAR before using the devices (`probe.pci_reassign=1`).
     pub reassign_bars: bool,
+    /// Queue pairs the virtio-net driver sets up (`probe.net_pairs=`, 1 or 2).
+    pub net_pairs: u16,
 }
 
 /// Runs `mode`; every mode ends in a power-off, a triple fault or runs forever.

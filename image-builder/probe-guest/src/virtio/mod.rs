@@ -82,6 +82,8 @@ pub struct TestConfig {
     pub timeout_ms: u64,
     /// Rounds of the blk pattern test.
     pub rounds: u64,
+    /// Queue pairs the virtio-net driver sets up (only the first carries frames).
+    pub net_pairs: u16,
 }
 
 /// A page-aligned static DMA area of `N` bytes, handed to devices by its
@@ -181,6 +183,7 @@ pub fn run_mode(out: &mut Serial, devices: &Devices) {
         apic_id: apic.id,
         timeout_ms: devices.timeout_ms,
         rounds: devices.rounds,
+        net_pairs: devices.net_pairs,
     };
     let blk = if devices.blk {
         blk::test(out, &functions, &cfg)

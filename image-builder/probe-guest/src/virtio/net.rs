@@ -19,6 +19,8 @@ const TRANSITIONAL_ID: u16 = 0x1000;
 const F_MAC: u64 = 1 << 5;
 const F_MRG_RXBUF: u64 = 1 << 15;
 const F_STATUS: u64 = 1 << 16;
+const F_CTRL_VQ: u64 = 1 << 17;
+const F_MQ: u64 = 1 << 22;
 /// Features the driver accepts (with VERSION_1).
 const WANTED: u64 = feature::VERSION_1 | F_MAC | F_MRG_RXBUF | F_STATUS;
 
@@ -77,6 +79,11 @@ static TXQ: Dma<4096> = Dma::new();
 static RX: Dma<{ RX_BUFS * RX_BUF_LEN }> = Dma::new();
 #[link_section = ".noinit.dma"]
 static TX: Dma<4096> = Dma::new();
+/// Rings of the second pair (`probe.net_pairs=2`), set up and never used.
+#[link_section = ".noinit.dma"]
+static RXQ1: Dma<4096> = Dma::new();
+#[link_section = ".noinit.dma"]
+static TXQ1: Dma<4096> = Dma::new();
 
 /// What came back.
 #[derive(Default)]
@@ -130,7 +137,12 @@ pub fn test(out: &mut Serial, functions: &Functions, cfg: &TestConfig) -> Outcom
 }
 
 fn run(out: &mut Serial, dev: &VirtioPci, cfg: &TestConfig) -> Result<Outcome, &'static str> {
-    let (offered, accepted) = dev.negotiate(WANTED)?;
+    let wanted = if cfg.net_pairs > 1 {
+        WANTED | F_MQ | F_CTRL_VQ
+    } else {
+        WANTED
+    };
+    let (offered, accepted) = dev.negotiate(wanted)?;
     say!(
         out,
         "virtio-net {} features={offered:#x} accepted={accepted:#x} queues={}",
@@ -150,6 +162,14 @@ fn run(out: &mut Serial, dev: &VirtioPci, cfg: &TestConfig) -> Result<Outcome, &
     // SAFETY: as above.
     let (tx, tx_got) = unsafe { dev.setup_queue(TX_QUEUE, TXQ.addr(), QUEUE_SIZE, tx_entry) }?;
     let msix = msix && rx_got == rx_entry && tx_got == tx_entry;
+    if accepted & F_MQ != 0 && dev.num_queues() >= 4 {
+        // SAFETY: RXQ1 and TXQ1 are this driver's queue pages, used for nothing else.
+        unsafe {
+            dev.setup_queue(RX_QUEUE + 2, RXQ1.addr(), QUEUE_SIZE, NO_VECTOR)?;
+            dev.setup_queue(TX_QUEUE + 2, TXQ1.addr(), QUEUE_SIZE, NO_VECTOR)?;
+        }
+        say!(out, "virtio-net mq pairs_set_up=2 pairs_used=1");
+    }
     if msix {
         say!(
             out,
