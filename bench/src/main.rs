@@ -81,6 +81,9 @@ enum Command {
         /// instead of one worker per port (busy-poll mode only).
         #[arg(long)]
         shared_poll: bool,
+        /// Frames each port of the loop frontend starts with (1..=512).
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=512))]
+        loop_burst: u16,
     },
 }
 
@@ -121,6 +124,7 @@ fn main() -> ExitCode {
             poll_us,
             tests,
             shared_poll,
+            loop_burst,
         } => net::run(&net::NetBench {
             keel,
             testpmd,
@@ -129,6 +133,7 @@ fn main() -> ExitCode {
             poll_us,
             tests,
             shared_poll,
+            loop_burst: usize::from(loop_burst),
         })
         .map_err(|e| e.to_string()),
     };

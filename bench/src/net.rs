@@ -66,6 +66,11 @@ pub struct NetBench {
     pub tests: Vec<NetTest>,
     /// keel polls every port from one shared thread on the backend's CPU.
     pub shared_poll: bool,
+    /// Frames each frontend port puts into the loop at the start (testpmd
+    /// `--burst`, 1..=512); the loop then holds twice this many. Small values
+    /// measure latency (rate = frames in flight / round trip), large ones
+    /// throughput.
+    pub loop_burst: usize,
 }
 
 /// One kind of measurement.
@@ -81,10 +86,6 @@ pub enum NetTest {
     /// scheduler more than the backend.
     Fwd,
 }
-
-/// Frames each frontend port puts into the loop at the start (`--burst`), so the
-/// loop holds twice this many; well below the 256-entry rings, so nothing drops.
-const LOOP_BURST: usize = 64;
 
 /// A child process killed (by PID) when dropped; testpmd's hugepage files go with it.
 struct Proc {
@@ -378,7 +379,7 @@ fn loop_rate(b: &NetBench, dir: &Path, size: usize, reference: bool) -> Result<f
             "--eth-peer=0,52:54:00:00:00:02".into(),
             "--eth-peer=1,52:54:00:00:00:01".into(),
             "--tx-first".into(),
-            format!("--burst={LOOP_BURST}"),
+            format!("--burst={}", b.loop_burst),
             format!("--txpkts={size}"),
         ],
     )?;
@@ -436,6 +437,12 @@ pub fn run(b: &NetBench) -> Result<(), NetBenchError> {
         },
         b.seconds
     );
+    if b.tests.contains(&NetTest::Loop) {
+        println!(
+            "loop: {} frames per frontend port in flight; rate = both ports' Rx-pps",
+            b.loop_burst
+        );
+    }
     println!("| test | frame | keel Mpps | testpmd Mpps | ratio |");
     println!("|---|---|---|---|---|");
     for &size in &b.sizes {
