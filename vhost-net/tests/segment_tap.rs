@@ -9,6 +9,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,54 +21,7 @@ use keel_vhost_net::offload::{self, GSO_ECN, GSO_TCPV4, GSO_TCPV6, HDR_F_NEEDS_C
 use keel_vhost_net::switch::{ForwardScratch, Switch};
 use keel_vhost_net::tap::Tap;
 
-/// A network namespace, deleted when dropped.
-struct Netns(String);
-
-impl Netns {
-    fn create() -> Option<Netns> {
-        let name = format!("keelseg-{}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if !ok {
-            eprintln!("skipping: cannot create a network namespace (needs root and iproute2)");
-            return None;
-        }
-        Some(Netns(name))
-    }
-
-    fn ip(&self, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .arg("-n")
-            .arg(&self.0)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "ip {args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// The namespace's TCP counter `name` from /proc/net/snmp (IPv4 and IPv6).
-    fn tcp_counter(&self, name: &str) -> u64 {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.0, "cat", "/proc/net/snmp"])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("Tcp:")).collect();
-        let (keys, values) = (lines[0], lines[1]);
-        let at = keys.split_whitespace().position(|k| k == name).unwrap();
-        values.split_whitespace().nth(at).unwrap().parse().unwrap()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+use common::netns::Netns;
 
 const SRC_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 
@@ -121,7 +76,7 @@ fn wait_for(ns: &Netns, counter: &str, want: u64) -> u64 {
 
 #[test]
 fn a_kernel_accepts_the_segments_of_gso_frames() {
-    let Some(ns) = Netns::create() else {
+    let Some(ns) = Netns::create("keelseg") else {
         return;
     };
     let dev = format!("kseg{}", std::process::id() % 100_000);

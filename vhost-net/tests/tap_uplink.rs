@@ -8,57 +8,15 @@ mod common;
 
 use std::process::Command;
 
+use common::netns::Netns;
 use common::{testpmd_available, testpmd_lock, Backend, Testpmd};
-
-/// A network namespace, deleted when dropped.
-struct Netns(String);
-
-impl Netns {
-    fn create() -> Option<Netns> {
-        let name = format!("keelnet-{}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if !ok {
-            eprintln!("skipping: cannot create a network namespace (needs root and iproute2)");
-            return None;
-        }
-        Some(Netns(name))
-    }
-
-    fn ip(&self, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .arg("-n")
-            .arg(&self.0)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "ip {args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// The kernel's RX packet count of `dev`.
-    fn rx_packets(&self, dev: &str) -> u64 {
-        let out = self.ip(&["-s", "-j", "link", "show", dev]);
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v[0]["stats64"]["rx"]["packets"].as_u64().unwrap()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 #[test]
 fn frames_reach_a_namespace_through_the_tap_uplink_and_back() {
     if !testpmd_available() {
         return;
     }
-    let Some(ns) = Netns::create() else {
+    let Some(ns) = Netns::create("keelnet") else {
         return;
     };
     let _guard = testpmd_lock();
@@ -123,19 +81,12 @@ fn frames_reach_a_namespace_through_the_tap_uplink_and_back() {
 /// frame the switch carried must be larger than the MTU (GSO frames passed through).
 #[test]
 fn tcp_with_checksum_and_tso_offloads_between_two_tap_uplinks() {
-    let Some(a) = Netns::create() else {
+    let Some(a) = Netns::create("keelnet") else {
         return;
     };
-    let b_name = format!("keelnet-b-{}", std::process::id());
-    if !Command::new("ip")
-        .args(["netns", "add", &b_name])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-    {
+    let Some(b) = Netns::create("keelnet-b") else {
         return;
-    }
-    let b = Netns(b_name);
+    };
     let dir = tempfile::tempdir().unwrap();
     let be = Backend::start_in(
         &["ip", "netns", "exec", &a.0],

@@ -198,23 +198,33 @@ fn control_socket_adds_and_removes_ports() {
     );
 }
 
-/// CPUs allowed for each `vring_worker` thread of process `pid`.
-fn worker_cpus(pid: u32) -> Vec<String> {
-    let mut out = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+/// The `/proc` directories of the threads of process `pid` named `name`.
+fn threads_named(pid: u32, name: &str) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
-    {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if comm.trim() != "vring_worker" {
-            continue;
-        }
-        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-        if let Some(l) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
-            out.push(l["Cpus_allowed_list:".len()..].trim().to_string());
-        }
-    }
-    out
+        .map(|t| t.path())
+        .filter(|t| {
+            std::fs::read_to_string(t.join("comm"))
+                .unwrap_or_default()
+                .trim()
+                == name
+        })
+        .collect()
+}
+
+/// CPUs allowed for each `vring_worker` thread of process `pid`.
+fn worker_cpus(pid: u32) -> Vec<String> {
+    threads_named(pid, "vring_worker")
+        .iter()
+        .filter_map(|t| {
+            let status = std::fs::read_to_string(t.join("status")).unwrap_or_default();
+            let l = status
+                .lines()
+                .find(|l| l.starts_with("Cpus_allowed_list:"))?;
+            Some(l["Cpus_allowed_list:".len()..].trim().to_string())
+        })
+        .collect()
 }
 
 /// TX-packets of testpmd's forwarding stream on queue `q` in its final report.
@@ -345,22 +355,16 @@ fn queue_pairs_pinned_workers_and_rate_limits() {
 
 /// CPU time (user + system, in clock ticks) of each thread of `pid` named `name`.
 fn thread_ticks(pid: u32, name: &str) -> Vec<u64> {
-    let mut out = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-    {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if comm.trim() != name {
-            continue;
-        }
-        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-        // Fields after the ")" that closes comm: state is field 3, utime 14, stime 15.
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        out.push(f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap());
-    }
-    out
+    threads_named(pid, name)
+        .iter()
+        .map(|t| {
+            let stat = std::fs::read_to_string(t.join("stat")).unwrap_or_default();
+            // Fields after the ")" that closes comm: state is field 3, utime 14, stime 15.
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+        })
+        .collect()
 }
 
 #[test]
