@@ -185,6 +185,11 @@ impl TxBatch {
     }
 
     fn pieces(&self, f: &Frame, out: &mut Vec<(*const u8, usize)>) {
+        self.for_each_piece(f, |p, n| out.push((p, n)));
+    }
+
+    /// Calls `visit` with a pointer and length for each piece of `f`, in order.
+    fn for_each_piece(&self, f: &Frame, mut visit: impl FnMut(*const u8, usize)) {
         let segs = self
             .segs
             .get(f.seg_start as usize..f.seg_end as usize)
@@ -198,15 +203,14 @@ impl TxBatch {
             } else {
                 s.addr as *const u8
             };
-            out.push((p, s.len as usize));
+            visit(p, s.len as usize);
         }
     }
 
-    /// Appends the bytes of `f` to `out`.
+    /// Appends the bytes of `f` to `out` (no allocation beyond `out` growing).
     pub fn gather(&self, f: &Frame, out: &mut Vec<u8>) {
-        let mut pieces = Vec::new();
-        self.pieces(f, &mut pieces);
-        for (p, n) in pieces {
+        out.reserve(f.len as usize);
+        self.for_each_piece(f, |p, n| {
             let at = out.len();
             out.resize(at + n, 0);
             // SAFETY: `p` points to `n` readable bytes: guest memory kept mapped by
@@ -214,7 +218,7 @@ impl TxBatch {
             // bytes are plain data; a guest changing them concurrently only changes
             // the (untrusted) frame content.
             unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr().add(at), n) };
-        }
+        });
     }
 
     /// The bytes of `f` (tests and slow paths).
