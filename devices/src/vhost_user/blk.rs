@@ -27,13 +27,10 @@ const F_CONFIG_WCE: u32 = 11;
 const F_MQ: u32 = 12;
 const F_DISCARD: u32 = 13;
 const F_WRITE_ZEROES: u32 = 14;
-const F_RING_INDIRECT_DESC: u32 = 28;
-const F_RING_EVENT_IDX: u32 = 29;
-const F_VERSION_1: u32 = 32;
 
 /// Feature bits keel passes through from a blk backend.
 pub fn supported_features() -> u64 {
-    [
+    super::feature_mask(&[
         F_SIZE_MAX,
         F_SEG_MAX,
         F_GEOMETRY,
@@ -45,12 +42,7 @@ pub fn supported_features() -> u64 {
         F_MQ,
         F_DISCARD,
         F_WRITE_ZEROES,
-        F_RING_INDIRECT_DESC,
-        F_RING_EVENT_IDX,
-        F_VERSION_1,
-    ]
-    .iter()
-    .fold(0, |acc, b| acc | (1u64 << b))
+    ])
 }
 
 /// Settings of one disk.
@@ -107,7 +99,7 @@ impl VhostUserBlk {
             .get_config(BLK_CONFIG_LEN)
             .map_err(|e| handshake("GET_CONFIG", e))?;
         let mut features = conn.virtio_features() & supported_features();
-        if features & (1 << F_VERSION_1) == 0 {
+        if features & (1 << super::F_VERSION_1) == 0 {
             return Err(handshake(
                 "GET_FEATURES",
                 "the backend does not offer VIRTIO_F_VERSION_1".into(),

@@ -27,16 +27,13 @@ const F_MRG_RXBUF: u32 = 15;
 const F_STATUS: u32 = 16;
 const F_CTRL_VQ: u32 = 17;
 const F_MQ: u32 = 22;
-const F_RING_INDIRECT_DESC: u32 = 28;
-const F_RING_EVENT_IDX: u32 = 29;
-const F_VERSION_1: u32 = 32;
 
 const STATUS_LINK_UP: u16 = 1;
 
 /// Feature bits keel passes through from a net backend (single queue pair, no
 /// control queue).
 pub fn supported_features() -> u64 {
-    [
+    super::feature_mask(&[
         F_CSUM,
         F_GUEST_CSUM,
         F_GUEST_TSO4,
@@ -48,12 +45,7 @@ pub fn supported_features() -> u64 {
         F_HOST_ECN,
         F_HOST_UFO,
         F_MRG_RXBUF,
-        F_RING_INDIRECT_DESC,
-        F_RING_EVENT_IDX,
-        F_VERSION_1,
-    ]
-    .iter()
-    .fold(0, |acc, b| acc | (1u64 << b))
+    ])
 }
 
 /// Settings of one NIC.
@@ -129,7 +121,7 @@ impl VhostUserNet {
         if pairs > 1 {
             features |= (1 << F_MQ) | (1 << F_CTRL_VQ);
         }
-        if features & (1 << F_VERSION_1) == 0 {
+        if features & (1 << super::F_VERSION_1) == 0 {
             return Err(ConnectError::Handshake {
                 id: settings.id.clone(),
                 socket: settings.socket.clone(),
