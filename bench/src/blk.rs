@@ -10,40 +10,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::error::{io_err, BenchError};
 use blkio::{Blkio, Completion, ReqFlags};
-use thiserror::Error;
 
 const BLOCK: usize = 4096;
 
-/// Block benchmark errors.
-#[derive(Debug, Error)]
-pub enum BlkBenchError {
-    /// A file or process operation failed.
-    #[error("{what}: {source}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// OS error.
-        source: std::io::Error,
-    },
-    /// The blkio client failed.
-    #[error("blkio: {0}")]
-    Blkio(String),
-    /// Data read back differs from what was written.
-    #[error("verification failed: {0}")]
-    Verify(String),
-    /// A backend did not come up.
-    #[error("{0}")]
-    Run(String),
-}
-
-fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BlkBenchError {
-    let what = what.into();
-    move |source| BlkBenchError::Io { what, source }
-}
-
-fn bk(e: blkio::Error) -> BlkBenchError {
-    BlkBenchError::Blkio(e.to_string())
+fn bk(e: blkio::Error) -> BenchError {
+    BenchError::Blkio(e.to_string())
 }
 
 /// Parameters of the block benchmark.
@@ -133,7 +106,7 @@ struct Server {
 }
 
 impl Server {
-    fn start(program: &str, args: &[String], sock: &Path) -> Result<Server, BlkBenchError> {
+    fn start(program: &str, args: &[String], sock: &Path) -> Result<Server, BenchError> {
         let _ = std::fs::remove_file(sock);
         let child = Command::new(program)
             .args(args)
@@ -146,9 +119,7 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !sock.exists() {
             if Instant::now() > deadline {
-                return Err(BlkBenchError::Run(format!(
-                    "{program}: no socket after 20 s"
-                )));
+                return Err(BenchError::Run(format!("{program}: no socket after 20 s")));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -170,7 +141,7 @@ struct Client {
 }
 
 impl Client {
-    fn connect(sock: &Path, buf_len: usize) -> Result<Client, BlkBenchError> {
+    fn connect(sock: &Path, buf_len: usize) -> Result<Client, BenchError> {
         let mut b = Blkio::new("virtio-blk-vhost-user").map_err(bk)?;
         b.set_str("path", &sock.display().to_string()).map_err(bk)?;
         b.connect().map_err(bk)?;
@@ -178,7 +149,7 @@ impl Client {
         b.set_i32("queue-size", 256).map_err(bk)?;
         let mut started = b.start().map_err(bk)?;
         if started.queues.is_empty() {
-            return Err(BlkBenchError::Blkio("no queue".into()));
+            return Err(BenchError::Blkio("no queue".into()));
         }
         let queue = started.queues.remove(0);
         let region = b.alloc_mem_region(buf_len).map_err(bk)?;
@@ -204,14 +175,14 @@ impl Client {
     fn reap(
         &mut self,
         comps: &mut [MaybeUninit<Completion>],
-    ) -> Result<Vec<(usize, i32)>, BlkBenchError> {
+    ) -> Result<Vec<(usize, i32)>, BenchError> {
         let mut timeout = Duration::from_secs(10);
         let n = self
             .queue
             .do_io(comps, 1, Some(&mut timeout), None)
             .map_err(bk)?;
         if n == 0 {
-            return Err(BlkBenchError::Run("no completion within 10 s".into()));
+            return Err(BenchError::Run("no completion within 10 s".into()));
         }
         Ok(comps[..n]
             .iter()
@@ -261,7 +232,7 @@ fn run_workload(
     blocks: u64,
     model: &mut Model,
     next_seq: &mut u64,
-) -> Result<f64, BlkBenchError> {
+) -> Result<f64, BenchError> {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ depth as u64);
     let mut comps: Vec<MaybeUninit<Completion>> =
         (0..depth).map(|_| MaybeUninit::uninit()).collect();
@@ -302,15 +273,15 @@ fn run_workload(
     while outstanding > 0 {
         for (slot, ret) in c.reap(&mut comps)? {
             if ret != 0 {
-                return Err(BlkBenchError::Verify(format!("request failed: {ret}")));
+                return Err(BenchError::Verify(format!("request failed: {ret}")));
             }
             let Some((block, seq)) = inflight.get_mut(slot).and_then(Option::take) else {
-                return Err(BlkBenchError::Run(format!("unknown completion {slot}")));
+                return Err(BenchError::Run(format!("unknown completion {slot}")));
             };
             if w == Workload::RandRead {
                 let (b, s) = read_tag(c.slot_bytes(slot));
                 if b != block || s != model.seq[block as usize] {
-                    return Err(BlkBenchError::Verify(format!(
+                    return Err(BenchError::Verify(format!(
                         "block {block}: read tag ({b}, {s}), expected ({block}, {})",
                         model.seq[block as usize]
                     )));
@@ -330,20 +301,18 @@ fn run_workload(
 }
 
 /// Reads every block back and checks its tag.
-fn verify_all(c: &mut Client, blocks: u64, model: &Model) -> Result<(), BlkBenchError> {
+fn verify_all(c: &mut Client, blocks: u64, model: &Model) -> Result<(), BenchError> {
     let mut comps: Vec<MaybeUninit<Completion>> = (0..1).map(|_| MaybeUninit::uninit()).collect();
     for block in 0..blocks {
         c.queue
             .read(block * BLOCK as u64, c.slot(0), BLOCK, 0, ReqFlags::empty());
         let r = c.reap(&mut comps)?;
         if r.first().map(|x| x.1) != Some(0) {
-            return Err(BlkBenchError::Verify(format!(
-                "read of block {block} failed"
-            )));
+            return Err(BenchError::Verify(format!("read of block {block} failed")));
         }
         let (b, s) = read_tag(c.slot_bytes(0));
         if b != block || s != model.seq[block as usize] {
-            return Err(BlkBenchError::Verify(format!(
+            return Err(BenchError::Verify(format!(
                 "block {block}: tag ({b}, {s}), expected ({block}, {})",
                 model.seq[block as usize]
             )));
@@ -353,7 +322,7 @@ fn verify_all(c: &mut Client, blocks: u64, model: &Model) -> Result<(), BlkBench
 }
 
 /// Writes the initial image: every block tagged (block, 0).
-fn make_image(path: &Path, blocks: u64) -> Result<(), BlkBenchError> {
+fn make_image(path: &Path, blocks: u64) -> Result<(), BenchError> {
     let mut data = vec![0u8; blocks as usize * BLOCK];
     for (i, chunk) in data.chunks_mut(BLOCK).enumerate() {
         tag(chunk, i as u64, 0);
@@ -362,7 +331,7 @@ fn make_image(path: &Path, blocks: u64) -> Result<(), BlkBenchError> {
 }
 
 /// Runs the benchmark and prints a table.
-pub fn run(b: &BlkBench) -> Result<(), BlkBenchError> {
+pub fn run(b: &BlkBench) -> Result<(), BenchError> {
     let dir = tempfile::tempdir().map_err(io_err("temp dir"))?;
     let img = dir.path().join("bench.img");
     let sock = dir.path().join("blk.sock");

@@ -18,30 +18,9 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-use thiserror::Error;
+use crate::error::{io_err, BenchError};
 
 use crate::stats::median;
-
-/// Boot benchmark errors.
-#[derive(Debug, Error)]
-pub enum BootBenchError {
-    /// A file or process operation failed.
-    #[error("{what}: {source}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// OS error.
-        source: std::io::Error,
-    },
-    /// A VMM did not produce what was expected.
-    #[error("{0}")]
-    Run(String),
-}
-
-fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BootBenchError {
-    let what = what.into();
-    move |source| BootBenchError::Io { what, source }
-}
 
 /// Parameters of a boot benchmark.
 #[derive(Debug)]
@@ -74,7 +53,7 @@ fn monotonic_ns() -> u64 {
 }
 
 /// `VmRSS - RssShmem` of `pid`, in KiB.
-fn overhead_kib(pid: u32) -> Result<f64, BootBenchError> {
+fn overhead_kib(pid: u32) -> Result<f64, BenchError> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(io_err(format!("/proc/{pid}/status")))?;
     let field = |name: &str| -> Option<f64> {
@@ -86,7 +65,7 @@ fn overhead_kib(pid: u32) -> Result<f64, BootBenchError> {
     };
     match (field("VmRSS:"), field("RssShmem:")) {
         (Some(rss), Some(shmem)) => Ok(rss - shmem),
-        _ => Err(BootBenchError::Run(format!(
+        _ => Err(BenchError::Run(format!(
             "no VmRSS/RssShmem in /proc/{pid}/status"
         ))),
     }
@@ -110,12 +89,12 @@ fn wait_line(
     rx: &mpsc::Receiver<String>,
     pred: impl Fn(&str) -> bool,
     what: &str,
-) -> Result<String, BootBenchError> {
+) -> Result<String, BenchError> {
     loop {
         match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(line) if pred(&line) => return Ok(line),
             Ok(_) => {}
-            Err(_) => return Err(BootBenchError::Run(format!("timed out waiting for {what}"))),
+            Err(_) => return Err(BenchError::Run(format!("timed out waiting for {what}"))),
         }
     }
 }
@@ -134,7 +113,7 @@ fn stop(child: &mut Child) {
     let _ = child.wait();
 }
 
-fn keel_run(bench: &BootBench, dir: &Path) -> Result<Sample, BootBenchError> {
+fn keel_run(bench: &BootBench, dir: &Path) -> Result<Sample, BenchError> {
     let config = dir.join("bench.toml");
     let guest = std::fs::canonicalize(&bench.guest)
         .map_err(io_err(format!("guest {}", bench.guest.display())))?;
@@ -162,13 +141,13 @@ fn keel_run(bench: &BootBench, dir: &Path) -> Result<Sample, BootBenchError> {
             child
                 .stdout
                 .take()
-                .ok_or_else(|| BootBenchError::Run("no stdout".into()))?,
+                .ok_or_else(|| BenchError::Run("no stdout".into()))?,
         );
         let err = lines(
             child
                 .stderr
                 .take()
-                .ok_or_else(|| BootBenchError::Run("no stderr".into()))?,
+                .ok_or_else(|| BenchError::Run("no stderr".into()))?,
         );
         let line = wait_line(
             &err,
@@ -180,7 +159,7 @@ fn keel_run(bench: &BootBench, dir: &Path) -> Result<Sample, BootBenchError> {
             .nth(1)
             .and_then(|s| s.split_whitespace().next())
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| BootBenchError::Run(format!("cannot parse {line:?}")))?;
+            .ok_or_else(|| BenchError::Run(format!("cannot parse {line:?}")))?;
         wait_line(
             &out,
             |l| l.contains("keel-probe: tick 2"),
@@ -195,7 +174,7 @@ fn keel_run(bench: &BootBench, dir: &Path) -> Result<Sample, BootBenchError> {
     result
 }
 
-fn qemu_run(qemu: &str, guest: &Path, dir: &Path) -> Result<Sample, BootBenchError> {
+fn qemu_run(qemu: &str, guest: &Path, dir: &Path) -> Result<Sample, BenchError> {
     let sock = dir.join("debugcon.sock");
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock).map_err(io_err("bind debugcon socket"))?;
@@ -232,7 +211,7 @@ fn qemu_run(qemu: &str, guest: &Path, dir: &Path) -> Result<Sample, BootBenchErr
             child
                 .stdout
                 .take()
-                .ok_or_else(|| BootBenchError::Run("no stdout".into()))?,
+                .ok_or_else(|| BenchError::Run("no stdout".into()))?,
         );
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
@@ -244,12 +223,10 @@ fn qemu_run(qemu: &str, guest: &Path, dir: &Path) -> Result<Sample, BootBenchErr
         });
         let (ns, byte) = rx
             .recv_timeout(Duration::from_secs(60))
-            .map_err(|_| BootBenchError::Run("QEMU: no debugcon byte within 60 s".into()))?
+            .map_err(|_| BenchError::Run("QEMU: no debugcon byte within 60 s".into()))?
             .map_err(io_err("QEMU debugcon"))?;
         if byte != 1 {
-            return Err(BootBenchError::Run(format!(
-                "QEMU: first debug byte {byte:#x}"
-            )));
+            return Err(BenchError::Run(format!("QEMU: first debug byte {byte:#x}")));
         }
         wait_line(
             &out,
@@ -279,7 +256,7 @@ fn summarize(name: &str, samples: &[Sample]) -> Option<(f64, f64)> {
 }
 
 /// Runs the boot benchmark and prints medians and ratios.
-pub fn run(bench: &BootBench) -> Result<(), BootBenchError> {
+pub fn run(bench: &BootBench) -> Result<(), BenchError> {
     let dir = tempfile::Builder::new()
         .prefix("keel-bench-")
         .tempdir()

@@ -3,6 +3,7 @@
 
 mod blk;
 mod boot;
+mod error;
 mod net;
 mod stats;
 

@@ -24,30 +24,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use thiserror::Error;
+use crate::error::{io_err, BenchError};
 
 use crate::stats::median;
-
-/// Network benchmark errors.
-#[derive(Debug, Error)]
-pub enum NetBenchError {
-    /// A file or process operation failed.
-    #[error("{what}: {source}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// OS error.
-        source: std::io::Error,
-    },
-    /// A peer did not come up or reported nothing.
-    #[error("{0}")]
-    Run(String),
-}
-
-fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NetBenchError {
-    let what = what.into();
-    move |source| NetBenchError::Io { what, source }
-}
 
 /// Parameters of the network benchmark.
 #[derive(Debug)]
@@ -128,7 +107,7 @@ impl Drop for Proc {
     }
 }
 
-fn spawn(cmd: &mut Command, log: &Path, prefix: Option<String>) -> Result<Proc, NetBenchError> {
+fn spawn(cmd: &mut Command, log: &Path, prefix: Option<String>) -> Result<Proc, BenchError> {
     let out = std::fs::File::create(log).map_err(io_err(format!("{}", log.display())))?;
     let child = cmd
         .stdin(Stdio::null())
@@ -153,7 +132,7 @@ fn testpmd(
     cpu: usize,
     vdevs: &[String],
     app: &[String],
-) -> Result<Proc, NetBenchError> {
+) -> Result<Proc, BenchError> {
     let prefix = format!("keelbench-{}-{tag}", std::process::id());
     let mut cmd = Command::new(&b.testpmd);
     cmd.arg(format!("--lcores=0@{cpu},1@{cpu}"))
@@ -168,14 +147,11 @@ fn testpmd(
     spawn(&mut cmd, &dir.join(format!("{tag}.log")), Some(prefix))
 }
 
-fn wait_for_path(p: &Path) -> Result<(), NetBenchError> {
+fn wait_for_path(p: &Path) -> Result<(), BenchError> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !p.exists() {
         if Instant::now() > deadline {
-            return Err(NetBenchError::Run(format!(
-                "{} never appeared",
-                p.display()
-            )));
+            return Err(BenchError::Run(format!("{} never appeared", p.display())));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -183,7 +159,7 @@ fn wait_for_path(p: &Path) -> Result<(), NetBenchError> {
 }
 
 /// The frontend: virtio-user `txonly` with `size`-byte frames to `dst`, on CPU 0.
-fn sender(b: &NetBench, dir: &Path, sock: &Path, size: usize) -> Result<Proc, NetBenchError> {
+fn sender(b: &NetBench, dir: &Path, sock: &Path, size: usize) -> Result<Proc, BenchError> {
     testpmd(
         b,
         dir,
@@ -216,7 +192,7 @@ fn rx_pps(log: &str, n: usize) -> Option<f64> {
 }
 
 /// keel's `tx_packets` of port `p0` from its control socket.
-fn keel_tx_packets(control: &Path) -> Result<u64, NetBenchError> {
+fn keel_tx_packets(control: &Path) -> Result<u64, BenchError> {
     let mut s = UnixStream::connect(control).map_err(io_err("connect to keel's control"))?;
     s.write_all(b"{\"cmd\":\"stats\"}\n")
         .map_err(io_err("control write"))?;
@@ -227,15 +203,15 @@ fn keel_tx_packets(control: &Path) -> Result<u64, NetBenchError> {
     let key = "\"tx_packets\":";
     let at = line
         .find(key)
-        .ok_or_else(|| NetBenchError::Run(format!("no tx_packets in {line}")))?;
+        .ok_or_else(|| BenchError::Run(format!("no tx_packets in {line}")))?;
     line[at + key.len()..]
         .split(|c: char| !c.is_ascii_digit())
         .next()
         .and_then(|n| n.parse().ok())
-        .ok_or_else(|| NetBenchError::Run(format!("bad stats {line}")))
+        .ok_or_else(|| BenchError::Run(format!("bad stats {line}")))
 }
 
-fn keel(b: &NetBench, dir: &Path, ports: usize) -> Result<Proc, NetBenchError> {
+fn keel(b: &NetBench, dir: &Path, ports: usize) -> Result<Proc, BenchError> {
     let control = dir.join("control.sock");
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", "1"]).arg(&b.keel);
@@ -261,7 +237,7 @@ fn keel(b: &NetBench, dir: &Path, ports: usize) -> Result<Proc, NetBenchError> {
 const WARMUP: Duration = Duration::from_secs(2);
 
 /// Receive rate of the reference (testpmd net_vhost rxonly), in packets/s.
-fn rx_reference(b: &NetBench, dir: &Path, size: usize) -> Result<f64, NetBenchError> {
+fn rx_reference(b: &NetBench, dir: &Path, size: usize) -> Result<f64, BenchError> {
     let sock = dir.join("vhost0.sock");
     let be = testpmd(
         b,
@@ -275,11 +251,11 @@ fn rx_reference(b: &NetBench, dir: &Path, size: usize) -> Result<f64, NetBenchEr
     let _fe = sender(b, dir, &sock, size)?;
     std::thread::sleep(WARMUP + Duration::from_secs(b.seconds));
     rx_pps(&be.output(), b.seconds as usize)
-        .ok_or_else(|| NetBenchError::Run(format!("no Rx-pps from testpmd:\n{}", be.output())))
+        .ok_or_else(|| BenchError::Run(format!("no Rx-pps from testpmd:\n{}", be.output())))
 }
 
 /// Receive rate of keel-vhost-net with one port, in packets/s.
-fn rx_keel(b: &NetBench, dir: &Path, size: usize) -> Result<f64, NetBenchError> {
+fn rx_keel(b: &NetBench, dir: &Path, size: usize) -> Result<f64, BenchError> {
     let _be = keel(b, dir, 1)?;
     let sock = dir.join("p0.sock");
     let _fe = sender(b, dir, &sock, size)?;
@@ -294,7 +270,7 @@ fn rx_keel(b: &NetBench, dir: &Path, size: usize) -> Result<f64, NetBenchError> 
         rates.push((now - last) as f64 / t.elapsed().as_secs_f64());
         last = now;
     }
-    median(&rates).ok_or_else(|| NetBenchError::Run("no keel samples".into()))
+    median(&rates).ok_or_else(|| BenchError::Run("no keel samples".into()))
 }
 
 /// A two-port backend on CPU 1: testpmd io-forwarding between two net_vhost ports
@@ -303,7 +279,7 @@ fn two_port_backend(
     b: &NetBench,
     dir: &Path,
     reference: bool,
-) -> Result<(PathBuf, PathBuf, Proc), NetBenchError> {
+) -> Result<(PathBuf, PathBuf, Proc), BenchError> {
     Ok(if reference {
         let (s0, s1) = (dir.join("vhost0.sock"), dir.join("vhost1.sock"));
         let be = testpmd(
@@ -357,7 +333,7 @@ fn rx_pps_per_port(log: &str, n: usize) -> Vec<f64> {
 
 /// Port-to-port loop rate (frames per second received by the two-port frontend)
 /// through testpmd io-forwarding (`reference`) or through keel.
-fn loop_rate(b: &NetBench, dir: &Path, size: usize, reference: bool) -> Result<f64, NetBenchError> {
+fn loop_rate(b: &NetBench, dir: &Path, size: usize, reference: bool) -> Result<f64, BenchError> {
     let (s0, s1, _be) = two_port_backend(b, dir, reference)?;
     let fe = testpmd(
         b,
@@ -386,7 +362,7 @@ fn loop_rate(b: &NetBench, dir: &Path, size: usize, reference: bool) -> Result<f
     std::thread::sleep(WARMUP + Duration::from_secs(b.seconds));
     let rates = rx_pps_per_port(&fe.output(), b.seconds as usize);
     if rates.len() != 2 {
-        return Err(NetBenchError::Run(format!(
+        return Err(BenchError::Run(format!(
             "expected Rx-pps of two ports from the loop frontend:\n{}",
             fe.output()
         )));
@@ -396,7 +372,7 @@ fn loop_rate(b: &NetBench, dir: &Path, size: usize, reference: bool) -> Result<f
 
 /// Port-to-port rate at a virtio-user receiver, through testpmd io-forwarding
 /// between two net_vhost ports (`reference`) or through keel.
-fn fwd(b: &NetBench, dir: &Path, size: usize, reference: bool) -> Result<f64, NetBenchError> {
+fn fwd(b: &NetBench, dir: &Path, size: usize, reference: bool) -> Result<f64, BenchError> {
     let (s0, s1, _be) = two_port_backend(b, dir, reference)?;
     // The receiver shares CPU 0 with the sender: the backend has CPU 1 to itself.
     let rx = testpmd(
@@ -414,15 +390,21 @@ fn fwd(b: &NetBench, dir: &Path, size: usize, reference: bool) -> Result<f64, Ne
     let _fe = sender(b, dir, &s0, size)?;
     std::thread::sleep(WARMUP + Duration::from_secs(b.seconds));
     rx_pps(&rx.output(), b.seconds as usize)
-        .ok_or_else(|| NetBenchError::Run(format!("no Rx-pps at the receiver:\n{}", rx.output())))
+        .ok_or_else(|| BenchError::Run(format!("no Rx-pps at the receiver:\n{}", rx.output())))
 }
 
-fn fresh_dir() -> Result<tempfile::TempDir, NetBenchError> {
+fn fresh_dir() -> Result<tempfile::TempDir, BenchError> {
     tempfile::tempdir().map_err(io_err("create a temporary directory"))
 }
 
 /// Runs the benchmark and prints one table row per measurement.
-pub fn run(b: &NetBench) -> Result<(), NetBenchError> {
+pub fn run(b: &NetBench) -> Result<(), BenchError> {
+    if !b.keel.is_file() {
+        return Err(BenchError::Run(format!(
+            "{} not found: run `cargo build --release -p keel-vhost-net` first (or give --keel)",
+            b.keel.display()
+        )));
+    }
     println!(
         "keel-vhost-net ({}{}) vs testpmd net_vhost; frontends testpmd virtio-user; {} s per point",
         if b.poll_us == 0 {
