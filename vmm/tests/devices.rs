@@ -157,21 +157,15 @@ fn guest_writes_reach_the_disk_image_through_qemu_storage_daemon() {
         return;
     };
     let config = disk_config(&dir, "blk", &socket, "");
-    let mut vmm = Vmm::start(&config);
-    let status = vmm.wait(BOOT_TIMEOUT);
-    let out = vmm.stdout.text();
-    assert!(status.success(), "{out}\n{}", vmm.stderr.text());
-    assert!(
-        out.contains("keel-probe: pci 00:01.0 vendor=1af4 device=1042"),
-        "{out}"
-    );
-    assert!(out.contains("keel-probe: virtio-blk reinit ok"), "{out}");
+    let out = run_to_end(&config);
+    assert_has(&out, "keel-probe: pci 00:01.0 vendor=1af4 device=1042");
+    assert_has(&out, "keel-probe: virtio-blk reinit ok");
     assert!(
         out.contains(&format!("keel-probe: virtio-blk capacity={sectors} ro=0")),
         "{out}"
     );
-    assert!(out.contains("keel-probe: virtio-blk pattern ok"), "{out}");
-    assert!(out.contains("keel-probe: virtio done blk=ok"), "{out}");
+    assert_has(&out, "keel-probe: virtio-blk pattern ok");
+    assert_has(&out, "keel-probe: virtio done blk=ok");
     // The data is really in the image, where the guest put it.
     let bytes = std::fs::read(&image).unwrap();
     for sector in (0..8).chain([sectors - 1]) {
@@ -193,15 +187,9 @@ fn a_read_only_disk_rejects_guest_writes() {
         return;
     };
     let config = disk_config(&dir, "blk", &socket, "read_only = true\n");
-    let mut vmm = Vmm::start(&config);
-    let status = vmm.wait(BOOT_TIMEOUT);
-    let out = vmm.stdout.text();
-    assert!(status.success(), "{out}\n{}", vmm.stderr.text());
-    assert!(out.contains("ro=1"), "{out}");
-    assert!(
-        out.contains("keel-probe: virtio-blk ro write rejected"),
-        "{out}"
-    );
+    let out = run_to_end(&config);
+    assert_has(&out, "ro=1");
+    assert_has(&out, "keel-probe: virtio-blk ro write rejected");
     assert!(std::fs::read(&image).unwrap().iter().all(|&b| b == 0));
 }
 
@@ -212,23 +200,23 @@ fn testpmd_macswap(socket: &Path) -> Option<Backend> {
 }
 
 fn testpmd_macswap_queues(socket: &Path, queues: u16) -> Option<Backend> {
+    let backend = macswap_testpmd(
+        &format!("net_vhost0,iface={},queues={queues}", socket.display()),
+        &[],
+    )?;
+    wait_for_socket(socket);
+    Some(backend)
+}
+
+/// DPDK testpmd with one `vdev`, echoing every frame with its MAC addresses swapped;
+/// `None` (with a "skipping" line) when testpmd is not installed. It keeps no
+/// hugepage files at all (`--in-memory`), so a killed testpmd leaves nothing in
+/// /dev/hugepages.
+fn macswap_testpmd(vdev: &str, eal: &[&str]) -> Option<Backend> {
     let child = Command::new("dpdk-testpmd")
-        .args([
-            "--lcores=0@0,1@0",
-            "-n",
-            "1",
-            "--no-pci",
-            // No hugepage files at all, so a killed testpmd leaves nothing behind
-            // in /dev/hugepages (the vhost PMD maps the guest's memory, not its own).
-            "--in-memory",
-            "-m",
-            "64",
-        ])
-        .arg("--vdev")
-        .arg(format!(
-            "net_vhost0,iface={},queues={queues}",
-            socket.display()
-        ))
+        .args(["--lcores=0@0,1@0", "-n", "1", "--no-pci", "--in-memory"])
+        .args(eal)
+        .args(["-m", "64", "--vdev", vdev])
         .args([
             "--",
             "--forward-mode=macswap",
@@ -241,11 +229,7 @@ fn testpmd_macswap_queues(socket: &Path, queues: u16) -> Option<Backend> {
         .stderr(Stdio::null())
         .spawn();
     match child {
-        Ok(c) => {
-            let backend = Backend(c);
-            wait_for_socket(socket);
-            Some(backend)
-        }
+        Ok(c) => Some(Backend(c)),
         Err(e) => {
             eprintln!("skipping: dpdk-testpmd is not available ({e}); run scripts/setup.sh");
             None
@@ -278,22 +262,10 @@ fn frames_echo_through_dpdk_testpmd_and_both_devices_work_together() {
             net_sock.display()
         ),
     );
-    let mut vmm = Vmm::start(&config);
-    let status = vmm.wait(BOOT_TIMEOUT);
-    let out = vmm.stdout.text();
-    assert!(status.success(), "{out}\n{}", vmm.stderr.text());
-    assert!(
-        out.contains("keel-probe: virtio-net mac=52:54:00:12:34:56 link=up"),
-        "{out}"
-    );
-    assert!(
-        out.contains("keel-probe: virtio-net echo ok count=4"),
-        "{out}"
-    );
-    assert!(
-        out.contains("keel-probe: virtio done blk=ok net=ok"),
-        "{out}"
-    );
+    let out = run_to_end(&config);
+    assert_has(&out, "keel-probe: virtio-net mac=52:54:00:12:34:56 link=up");
+    assert_has(&out, "keel-probe: virtio-net echo ok count=4");
+    assert_has(&out, "keel-probe: virtio done blk=ok net=ok");
     assert_probe_pattern(&std::fs::read(&image).unwrap(), 0);
 }
 
@@ -318,12 +290,7 @@ fn disk_io_survives_a_backend_crash_and_restart() {
     vmm.stdout
         .wait_for("keel-probe: virtio-blk round 3 ok", BOOT_TIMEOUT);
     // Crash the backend mid-workload, then bring a new one up on the same socket.
-    let _ = qsd.0.kill();
-    let _ = qsd.0.wait();
-    vmm.stderr.wait_for(
-        "device disk0: backend disconnected",
-        Duration::from_secs(30),
-    );
+    crash_backend(&mut vmm, &mut qsd, "disk0");
     let _ = std::fs::remove_file(&socket);
     thread::sleep(Duration::from_millis(300));
     let Some(_qsd2) = qemu_storage_daemon(&image, &socket, true) else {
@@ -334,9 +301,9 @@ fn disk_io_survives_a_backend_crash_and_restart() {
     let err = vmm.stderr.text();
     assert!(status.success(), "{out}\n{err}");
     assert!(err.contains("device disk0: backend is back"), "{err}");
-    assert!(out.contains("keel-probe: virtio-blk round 60 ok"), "{out}");
+    assert_has(&out, "keel-probe: virtio-blk round 60 ok");
     assert!(!out.contains("round") || !out.contains(" fail"), "{out}");
-    assert!(out.contains("keel-probe: virtio done blk=ok"), "{out}");
+    assert_has(&out, "keel-probe: virtio done blk=ok");
     assert_probe_pattern(&std::fs::read(&image).unwrap(), 0);
 }
 
@@ -388,6 +355,31 @@ impl Drop for HungListener {
     }
 }
 
+/// Boots `config` to the end; panics (with the VM's output) unless it exits 0.
+/// Returns the guest's serial output.
+fn run_to_end(config: &Path) -> String {
+    let mut vmm = Vmm::start(config);
+    let status = vmm.wait(BOOT_TIMEOUT);
+    let out = vmm.stdout.text();
+    assert!(status.success(), "{out}\n{}", vmm.stderr.text());
+    out
+}
+
+/// Panics unless the guest output `out` contains `line`.
+fn assert_has(out: &str, line: &str) {
+    assert!(out.contains(line), "missing {line:?} in:\n{out}");
+}
+
+/// Kills a device's backend (SIGKILL) and waits until the VMM noticed.
+fn crash_backend(vmm: &mut Vmm, backend: &mut Backend, device: &str) {
+    let _ = backend.0.kill();
+    let _ = backend.0.wait();
+    vmm.stderr.wait_for(
+        &format!("device {device}: backend disconnected"),
+        Duration::from_secs(30),
+    );
+}
+
 /// Builds (once) and returns the project's own blk backend.
 fn keel_vhost_blk() -> std::path::PathBuf {
     static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
@@ -430,12 +422,7 @@ fn guest_data_goes_through_keel_vhost_blk_and_survives_its_restart() {
     let mut vmm = Vmm::start(&config);
     vmm.stdout
         .wait_for("keel-probe: virtio-blk round 2 ok", BOOT_TIMEOUT);
-    let _ = backend.0.kill();
-    let _ = backend.0.wait();
-    vmm.stderr.wait_for(
-        "device disk0: backend disconnected",
-        Duration::from_secs(30),
-    );
+    crash_backend(&mut vmm, &mut backend, "disk0");
     // Meanwhile something accepts on the socket and never answers: reconnect
     // attempts wait for it (up to the reply deadline), but the event loop must not:
     // the control socket keeps answering at once.
@@ -484,10 +471,10 @@ fn guest_data_goes_through_keel_vhost_blk_and_survives_its_restart() {
     let out = vmm.stdout.text();
     let err = vmm.stderr.text();
     assert!(status.success(), "{out}\n{err}");
-    assert!(out.contains("serial=keel-disk-1"), "{out}");
+    assert_has(&out, "serial=keel-disk-1");
     assert!(err.contains("device disk0: backend is back"), "{err}");
-    assert!(out.contains("keel-probe: virtio-blk round 120 ok"), "{out}");
-    assert!(out.contains("keel-probe: virtio done blk=ok"), "{out}");
+    assert_has(&out, "keel-probe: virtio-blk round 120 ok");
+    assert_has(&out, "keel-probe: virtio done blk=ok");
     assert_probe_pattern(&std::fs::read(&image).unwrap(), 0);
 }
 
@@ -504,15 +491,15 @@ fn devices_keep_working_after_the_guest_moves_their_bars() {
     let out = vmm.stdout.text();
     let err = vmm.stderr.text();
     assert!(status.success(), "{out}\n{err}");
-    assert!(
-        out.contains("keel-probe: pci assigned bar 00:01.0 bar0 addr=0xc0008000"),
-        "{out}"
+    assert_has(
+        &out,
+        "keel-probe: pci assigned bar 00:01.0 bar0 addr=0xc0008000",
     );
     assert!(
         err.contains("BAR 0 moved by the guest 0xc0000000 -> 0xc0008000"),
         "{err}"
     );
-    assert!(out.contains("keel-probe: virtio done blk=ok"), "{out}");
+    assert_has(&out, "keel-probe: virtio done blk=ok");
 }
 
 #[test]
@@ -540,8 +527,8 @@ fn a_multiqueue_disk_shows_its_queues_to_the_guest() {
     let err = vmm.stderr.text();
     assert!(status.success(), "{out}\n{err}");
     assert!(err.contains("2 queue(s)"), "{err}");
-    assert!(out.contains("num_queues=2"), "{out}");
-    assert!(out.contains("keel-probe: virtio done blk=ok"), "{out}");
+    assert_has(&out, "num_queues=2");
+    assert_has(&out, "keel-probe: virtio done blk=ok");
 }
 
 #[test]
@@ -571,11 +558,8 @@ fn a_multiqueue_nic_offers_its_pairs_and_a_simple_driver_still_works() {
         "{err}"
     );
     // Two pairs plus the control queue.
-    assert!(out.contains(" queues=5"), "{out}");
-    assert!(
-        out.contains("keel-probe: virtio-net echo ok count=4"),
-        "{out}"
-    );
+    assert_has(&out, " queues=5");
+    assert_has(&out, "keel-probe: virtio-net echo ok count=4");
 }
 
 /// Builds (once) and returns one of the project's own backends.
@@ -674,40 +658,11 @@ fn wait_in_log(log: &Path, what: &str, times: usize) {
 /// testpmd's virtio-user PMD on `socket`, echoing every frame with its MAC
 /// addresses swapped: a real vhost-user frontend on the switch's other port.
 fn virtio_user_macswap(socket: &Path) -> Option<Backend> {
-    let peer = Command::new("dpdk-testpmd")
-        .args([
-            "--lcores=0@0,1@0",
-            "-n",
-            "1",
-            "--no-pci",
-            "--in-memory",
-            "--single-file-segments",
-            "-m",
-            "64",
-            "--vdev",
-        ])
-        .arg(format!(
-            "net_virtio_user0,path={},queues=1",
-            socket.display()
-        ))
-        .args([
-            "--",
-            "--forward-mode=macswap",
-            "--auto-start",
-            "--stats-period=1",
-            "--no-mlockall",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    match peer {
-        Ok(p) => Some(Backend(p)),
-        Err(e) => {
-            eprintln!("skipping: dpdk-testpmd is not available ({e}); run scripts/setup.sh");
-            None
-        }
-    }
+    // virtio-user needs its memory in few segments to share it over vhost-user.
+    macswap_testpmd(
+        &format!("net_virtio_user0,path={},queues=1", socket.display()),
+        &["--single-file-segments"],
+    )
 }
 
 fn cross_keel_vhost_net(pairs: u16) {
@@ -730,18 +685,9 @@ fn cross_keel_vhost_net(pairs: u16) {
             vm_sock.display()
         ),
     );
-    let mut vmm = Vmm::start(&config);
-    let status = vmm.wait(BOOT_TIMEOUT);
-    let out = vmm.stdout.text();
-    assert!(status.success(), "{out}\n{}", vmm.stderr.text());
-    assert!(
-        out.contains("keel-probe: virtio-net echo ok count=4"),
-        "{out}"
-    );
-    assert!(
-        out.contains("keel-probe: virtio done blk=skipped net=ok"),
-        "{out}"
-    );
+    let out = run_to_end(&config);
+    assert_has(&out, "keel-probe: virtio-net echo ok count=4");
+    assert_has(&out, "keel-probe: virtio done blk=skipped net=ok");
 }
 
 #[test]
@@ -779,10 +725,7 @@ fn a_restarted_nic_backend_gets_only_the_queue_pairs_the_driver_enabled() {
     assert_eq!(vm["pairs"][0]["enabled"], true, "{vm}");
     assert_eq!(vm["pairs"][1]["enabled"], false, "{vm}");
     // The switch crashes and comes back.
-    let _ = switch.0.kill();
-    let _ = switch.0.wait();
-    vmm.stderr
-        .wait_for("device net0: backend disconnected", Duration::from_secs(30));
+    crash_backend(&mut vmm, &mut switch, "net0");
     switch = start_switch(&dir, 2, &switch_log);
     vmm.stderr
         .wait_for("device net0: backend is back", Duration::from_secs(30));
@@ -820,10 +763,7 @@ fn disk_io_continues_while_the_nic_backend_is_down_and_the_nic_recovers() {
     let mut vmm = Vmm::start(&config);
     vmm.stdout
         .wait_for("keel-probe: virtio-blk round 2 ok", BOOT_TIMEOUT);
-    let _ = pmd.0.kill();
-    let _ = pmd.0.wait();
-    vmm.stderr
-        .wait_for("device net0: backend disconnected", Duration::from_secs(30));
+    crash_backend(&mut vmm, &mut pmd, "net0");
     // The disk keeps serving the guest while the NIC's backend is gone.
     let seen = vmm.stdout.text().matches("round ").count();
     vmm.stdout.wait_for(
@@ -839,11 +779,8 @@ fn disk_io_continues_while_the_nic_backend_is_down_and_the_nic_recovers() {
     let status = vmm.wait(BOOT_TIMEOUT);
     let out = vmm.stdout.text();
     assert!(status.success(), "{out}\n{}", vmm.stderr.text());
-    assert!(out.contains("keel-probe: virtio-blk round 80 ok"), "{out}");
-    assert!(
-        out.contains("keel-probe: virtio done blk=ok net=ok"),
-        "{out}"
-    );
+    assert_has(&out, "keel-probe: virtio-blk round 80 ok");
+    assert_has(&out, "keel-probe: virtio done blk=ok net=ok");
 }
 
 #[test]
