@@ -205,10 +205,45 @@ impl Msix {
         self.sync(vector);
     }
 
-    /// Reads the pending-bit array. Pending state lives in the irqfd counters while a
-    /// vector is masked, so this reads as zeros.
-    pub fn read_pba(&self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
+    /// Reads the pending-bit array. While a vector is masked (or MSI-X is off) its
+    /// signals accumulate in its eventfd, detached from KVM: the bit is set when that
+    /// eventfd is readable (checked with `poll`, which does not consume it). A routed
+    /// vector is delivered at once and never reads as pending.
+    pub fn read_pba(&self, offset: u64, data: &mut [u8]) {
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = 0;
+            for bit in 0..8u64 {
+                let Some(vector) = offset
+                    .checked_add(i as u64)
+                    .and_then(|b| b.checked_mul(8))
+                    .and_then(|b| b.checked_add(bit))
+                    .and_then(|v| usize::try_from(v).ok())
+                else {
+                    continue;
+                };
+                if vector < self.entries.len() && self.pending(vector) {
+                    *byte |= 1 << bit;
+                }
+            }
+        }
+    }
+
+    /// Whether `vector` is masked with a signal waiting in its eventfd.
+    fn pending(&self, vector: usize) -> bool {
+        if self.routed.get(vector).is_some_and(Option::is_some) {
+            return false;
+        }
+        let Some(fd) = self.router.eventfd(vector) else {
+            return false;
+        };
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(fd),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll(2) on one valid pollfd living across the call, zero timeout.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        n > 0 && pfd.revents & libc::POLLIN != 0
     }
 
     /// Raises `vector` if it is deliverable; a masked vector is left pending in its
@@ -273,6 +308,32 @@ pub(crate) mod tests {
         fn eventfd(&self, vector: usize) -> Option<&EventFd> {
             self.fds.get(vector)
         }
+    }
+
+    #[test]
+    fn pba_shows_masked_vectors_with_a_waiting_signal() {
+        let router = RecordingRouter::new(12);
+        let mut m = Msix::new(router.clone());
+        let mut pba = [0u8; 8];
+        m.read_pba(0, &mut pba);
+        assert_eq!(pba, [0; 8]);
+        // Signals for masked vectors 3 and 10 wait in their eventfds.
+        router.eventfd(3).unwrap().write(1).unwrap();
+        router.eventfd(10).unwrap().write(1).unwrap();
+        m.read_pba(0, &mut pba);
+        assert_eq!(u64::from_le_bytes(pba), 1 << 3 | 1 << 10);
+        // Reading does not consume them; byte-wide reads at an offset see the same.
+        let mut b = [0u8; 1];
+        m.read_pba(1, &mut b);
+        assert_eq!(b[0], 1 << 2);
+        // Beyond the table: zero, never a panic.
+        m.read_pba(u64::MAX, &mut b);
+        assert_eq!(b[0], 0);
+        // Once vector 3 is routed (enabled, unmasked) it is not pending any more.
+        program(&mut m, 3, 0xfee0_0000, 0x41);
+        m.set_control(CONTROL_ENABLE);
+        m.read_pba(0, &mut pba);
+        assert_eq!(u64::from_le_bytes(pba), 1 << 10);
     }
 
     fn program(m: &mut Msix, vector: u64, addr: u64, data: u32) {
