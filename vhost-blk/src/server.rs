@@ -1,11 +1,9 @@
 //! Serving one disk on its vhost-user socket, one frontend after another.
 
-use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use keel_vhost_relay::{private_connection, Relay};
 use log::{info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
@@ -16,7 +14,7 @@ use crate::backend::BlkBackend;
 use crate::config::DiskConfig;
 use crate::disk::{Disk, DiskError};
 use crate::engine::EngineError;
-use crate::relay::Relay;
+use crate::relay::Inflight;
 
 /// Why a disk could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -133,7 +131,8 @@ impl Export {
             .map_err(|e| ServeError::Daemon(e.to_string()));
         drop(private);
         started?;
-        let relay = Relay::start(frontend, inner, backend.clone()).map_err(conn_err)?;
+        let relay = Relay::start(frontend, inner, "blk", Inflight::new(backend.clone()))
+            .map_err(conn_err)?;
         info!("{}: frontend connected", self.path);
         let now = CONNECTED.fetch_add(1, Ordering::Relaxed) + 1;
         crate::notify::status(&format!("{now} frontend(s) connected"));
@@ -152,31 +151,6 @@ impl Export {
         crate::notify::status(&format!("{now} frontend(s) connected"));
         Ok(())
     }
-}
-
-/// A listener with one connection already queued, plus that connection's other end.
-/// The listener lives in a directory only this user can enter, removed again before
-/// this returns, so no other process can take the daemon's place.
-fn private_connection(socket: &Path, n: u64) -> std::io::Result<(Listener, UnixStream)> {
-    let name = socket
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let parent = socket
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-    let dir = parent.join(format!(".{name}.{}.{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-    let result = (|| {
-        let path = dir.join("s");
-        let listener = UnixListener::bind(&path)?;
-        let inner = UnixStream::connect(&path)?;
-        Ok((Listener::from(listener), inner))
-    })();
-    let _ = std::fs::remove_dir_all(&dir);
-    result
 }
 
 /// Opens, listens and serves one disk (for callers that need no readiness step).

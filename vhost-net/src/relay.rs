@@ -5,10 +5,11 @@
 //! features, which can be before the vhost-user `SET_FEATURES` that acks
 //! `VHOST_USER_F_PROTOCOL_FEATURES`. The rust-vmm `vhost` crate's request handler
 //! rejects such an enable and ends the connection, and its handler cannot be wrapped.
-//! So the frontend's connection ends here: every message is passed unchanged (with
-//! its file descriptors) to the daemon over a private socket, and every reply is
-//! copied back, except that `SET_VRING_ENABLE`s arriving before protocol features are
-//! acked are checked, held, and passed on in order right after that `SET_FEATURES`.
+//! So the frontend's connection ends in a [`keel_vhost_relay::Relay`] (framing, the
+//! private socket to the daemon, replies copied back), whose request handler here,
+//! [`Order`], passes every message on unchanged, except that `SET_VRING_ENABLE`s
+//! arriving before protocol features are acked are checked, held, and passed on in
+//! order right after that `SET_FEATURES`.
 //! A held request that asked for an ack (REPLY_ACK negotiated, `NEED_REPLY` set) is
 //! acked here when it is held, since the frontend waits for that ack before it sends
 //! `SET_FEATURES`; it is passed on without `NEED_REPLY` so the daemon does not ack it
@@ -26,23 +27,10 @@
 //! that breaks the framing (oversized payload, too many held requests, a bad held
 //! request) is disconnected: that ends this port's connection only.
 
-use std::fs::File;
-use std::io::{self, Read, Write};
-use std::net::Shutdown;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-
+use keel_vhost_relay::FLAG_NEED_REPLY;
+use keel_vhost_relay::{le_u32, Message, Out, RelayError, RequestHandler};
 use log::{debug, info};
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-/// vhost-user message header length (request, flags, size).
-pub const HEADER_LEN: usize = 12;
-/// Largest payload relayed in either direction (the `vhost` crate's own limit).
-pub const MAX_PAYLOAD: usize = 4096;
-/// Most file descriptors one message may carry.
-pub const MAX_FDS: usize = 32;
 /// Most `SET_VRING_ENABLE`s held before `SET_FEATURES` (two per queue is plenty).
 pub const MAX_HELD: usize = 64;
 
@@ -64,95 +52,20 @@ pub const SET_FEATURES: u32 = 2;
 pub const SET_PROTOCOL_FEATURES: u32 = 16;
 /// `VHOST_USER_SET_VRING_ENABLE`.
 pub const SET_VRING_ENABLE: u32 = 18;
-/// Header flags: protocol version 1.
-pub const FLAG_VERSION: u32 = 0x1;
-/// Header flags: this is a reply.
-pub const FLAG_REPLY: u32 = 0x4;
-/// Header flags: the frontend wants an ack (REPLY_ACK).
-pub const FLAG_NEED_REPLY: u32 = 0x8;
 /// `VHOST_USER_F_PROTOCOL_FEATURES` in the virtio feature bits.
 pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 /// `VHOST_USER_PROTOCOL_F_REPLY_ACK` in the protocol feature bits.
 pub const PROTOCOL_F_REPLY_ACK: u64 = 1 << 3;
 
-/// Why a relayed connection ended (other than the frontend or daemon closing it).
+/// Why the ordering fix disconnects a frontend.
 #[derive(Debug, thiserror::Error)]
-pub enum RelayError {
-    /// Reading or writing one of the sockets failed.
-    #[error("{0}")]
-    Io(#[from] io::Error),
-    /// A message's payload is larger than any valid vhost-user message.
-    #[error("message {request} announces a {size}-byte payload (at most {MAX_PAYLOAD})")]
-    Oversized {
-        /// The request code.
-        request: u32,
-        /// The announced payload size.
-        size: u32,
-    },
-    /// A message carried more file descriptors than allowed (some were lost).
-    #[error("message with more than {MAX_FDS} file descriptors")]
-    TooManyFds,
+pub enum OrderError {
     /// An early `SET_VRING_ENABLE` is malformed or names a queue that does not exist.
     #[error("SET_VRING_ENABLE before SET_FEATURES: {0}")]
     BadEnable(String),
     /// The frontend sent more early `SET_VRING_ENABLE`s than can be held.
     #[error("more than {MAX_HELD} SET_VRING_ENABLE before SET_FEATURES")]
     TooManyHeld,
-}
-
-/// One vhost-user message with the file descriptors that came with it.
-#[derive(Debug)]
-pub struct Message {
-    /// Request code, flags and payload size, little-endian.
-    pub header: [u8; HEADER_LEN],
-    /// The payload (exactly as long as the header says).
-    pub payload: Vec<u8>,
-    /// File descriptors received with the message.
-    pub files: Vec<File>,
-}
-
-impl Message {
-    /// A message with `request`, `flags` and `payload`, without file descriptors.
-    pub fn new(request: u32, flags: u32, payload: &[u8]) -> Message {
-        let mut header = [0u8; HEADER_LEN];
-        header[0..4].copy_from_slice(&request.to_le_bytes());
-        header[4..8].copy_from_slice(&flags.to_le_bytes());
-        header[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        Message {
-            header,
-            payload: payload.to_vec(),
-            files: Vec::new(),
-        }
-    }
-
-    /// The request code.
-    pub fn request(&self) -> u32 {
-        u32_at(&self.header, 0)
-    }
-
-    /// The header flags.
-    pub fn flags(&self) -> u32 {
-        u32_at(&self.header, 4)
-    }
-
-    fn set_flags(&mut self, flags: u32) {
-        self.header[4..8].copy_from_slice(&flags.to_le_bytes());
-    }
-
-    /// The payload's first u64, if it has one (features, protocol features).
-    fn u64_payload(&self) -> Option<u64> {
-        let b: [u8; 8] = self.payload.get(..8)?.try_into().ok()?;
-        Some(u64::from_le_bytes(b))
-    }
-}
-
-/// Where a message goes after [`Order::on_request`].
-#[derive(Debug)]
-pub enum Out {
-    /// To the daemon (a request).
-    Daemon(Message),
-    /// Back to the frontend (an ack produced by the relay).
-    Frontend(Message),
 }
 
 /// The ordering fix for one connection: holds `SET_VRING_ENABLE`s that arrive before
@@ -181,7 +94,7 @@ impl Order {
 
     /// Decides what to do with one request from the frontend: the messages to send,
     /// in order.
-    pub fn on_request(&mut self, mut msg: Message) -> Result<Vec<Out>, RelayError> {
+    pub fn on_request(&mut self, mut msg: Message) -> Result<Vec<Out>, OrderError> {
         match msg.request() {
             SET_PROTOCOL_FEATURES => {
                 if let Some(v) = msg.u64_payload() {
@@ -192,7 +105,7 @@ impl Order {
             SET_VRING_ENABLE if !self.protocol_acked => {
                 self.check_enable(&msg)?;
                 if self.held.len() >= MAX_HELD {
-                    return Err(RelayError::TooManyHeld);
+                    return Err(OrderError::TooManyHeld);
                 }
                 let out: Vec<Out> = self.local_ack(&msg).into_iter().collect();
                 msg.set_flags(msg.flags() & !FLAG_NEED_REPLY);
@@ -228,7 +141,7 @@ impl Order {
             }
             SET_MEM_TABLE => {
                 // The table replaces every region: each now has one user.
-                let n = msg.payload.get(..4).map_or(0, |_| u32_at(&msg.payload, 0));
+                let n = msg.payload.get(..4).map_or(0, |_| le_u32(&msg.payload, 0));
                 self.regions = msg
                     .payload
                     .get(8..)
@@ -275,200 +188,40 @@ impl Order {
     /// REPLY_ACK (the daemon's rule).
     fn local_ack(&self, msg: &Message) -> Option<Out> {
         (msg.flags() & FLAG_NEED_REPLY != 0 && self.protocol_features & PROTOCOL_F_REPLY_ACK != 0)
-            .then(|| {
-                Out::Frontend(Message::new(
-                    msg.request(),
-                    FLAG_VERSION | FLAG_REPLY,
-                    &0u64.to_le_bytes(),
-                ))
-            })
+            .then(|| Out::Frontend(Message::reply(msg.request(), &0u64.to_le_bytes())))
     }
 
     /// The checks the daemon makes on a `SET_VRING_ENABLE` (payload size, queue index,
     /// state 0 or 1), made here for one that is held and may be acked here.
-    fn check_enable(&self, msg: &Message) -> Result<(), RelayError> {
+    fn check_enable(&self, msg: &Message) -> Result<(), OrderError> {
         let p = &msg.payload;
         if p.len() != 8 {
-            return Err(RelayError::BadEnable(format!(
+            return Err(OrderError::BadEnable(format!(
                 "{}-byte payload, expected 8",
                 p.len()
             )));
         }
         if !msg.files.is_empty() {
-            return Err(RelayError::BadEnable("carries file descriptors".into()));
+            return Err(OrderError::BadEnable("carries file descriptors".into()));
         }
-        let (index, state) = (u32_at(p, 0), u32_at(p, 4));
+        let (index, state) = (le_u32(p, 0), le_u32(p, 4));
         if index >= self.queues {
-            return Err(RelayError::BadEnable(format!(
+            return Err(OrderError::BadEnable(format!(
                 "queue {index} of {}",
                 self.queues
             )));
         }
         if state > 1 {
-            return Err(RelayError::BadEnable(format!("state {state}")));
+            return Err(OrderError::BadEnable(format!("state {state}")));
         }
         Ok(())
     }
 }
 
-/// The two threads relaying one connection.
-pub struct Relay {
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Relay {
-    /// Starts relaying between `frontend` and `daemon` (the daemon's end of the
-    /// private connection) for a device with `queues` virtqueues; `name` labels logs.
-    pub fn start(
-        frontend: UnixStream,
-        daemon: UnixStream,
-        queues: u32,
-        name: &str,
-    ) -> io::Result<Relay> {
-        let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
-        let replies_from = daemon.try_clone()?;
-        let frontend_end = frontend.try_clone()?;
-        let daemon_end = daemon.try_clone()?;
-        let replies_to = to_frontend.clone();
-        let up_name = name.to_string();
-        let up = std::thread::Builder::new()
-            .name(format!("relay-up-{name}"))
-            .spawn(move || {
-                if let Err(e) = copy_replies(&replies_from, &replies_to) {
-                    debug!("port {up_name}: replies: {e}");
-                }
-                let _ = frontend_end.shutdown(Shutdown::Both);
-            })?;
-        let down_name = name.to_string();
-        let stopper = frontend.try_clone()?;
-        let down = std::thread::Builder::new()
-            .name(format!("relay-down-{name}"))
-            .spawn(move || {
-                match relay_requests(&frontend, &daemon, &to_frontend, queues) {
-                    Ok(()) => {}
-                    Err(RelayError::Io(e)) => debug!("port {down_name}: requests: {e}"),
-                    Err(e) => log::warn!("port {down_name}: frontend disconnected: {e}"),
-                }
-                let _ = daemon_end.shutdown(Shutdown::Both);
-                let _ = frontend.shutdown(Shutdown::Both);
-            });
-        let down = match down {
-            Ok(t) => t,
-            Err(e) => {
-                // Make the reply thread end too before reporting the failure.
-                let _ = stopper.shutdown(Shutdown::Both);
-                let _ = up.join();
-                return Err(e);
-            }
-        };
-        Ok(Relay {
-            threads: vec![up, down],
-        })
+impl RequestHandler for Order {
+    fn on_request(&mut self, msg: Message) -> Result<Vec<Out>, RelayError> {
+        Order::on_request(self, msg).map_err(|e| RelayError::Refused(Box::new(e)))
     }
-
-    /// Waits for both threads (after either side closed).
-    pub fn join(self) {
-        for t in self.threads {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Copies the daemon's replies, whole messages with their descriptors, to the
-/// frontend until either side closes.
-fn copy_replies(daemon: &UnixStream, frontend: &Mutex<UnixStream>) -> Result<(), RelayError> {
-    while let Some(msg) = recv_message(daemon)? {
-        let f = frontend.lock().unwrap_or_else(|p| p.into_inner());
-        send_message(&f, &msg)?;
-    }
-    Ok(())
-}
-
-/// Relays the frontend's requests to the daemon through [`Order`] until the frontend
-/// closes (Ok) or breaks the protocol (Err).
-fn relay_requests(
-    frontend: &UnixStream,
-    daemon: &UnixStream,
-    to_frontend: &Mutex<UnixStream>,
-    queues: u32,
-) -> Result<(), RelayError> {
-    let mut order = Order::new(queues);
-    while let Some(msg) = recv_message(frontend)? {
-        for out in order.on_request(msg)? {
-            match out {
-                Out::Daemon(m) => send_message(daemon, &m)?,
-                Out::Frontend(m) => {
-                    let f = to_frontend.lock().unwrap_or_else(|p| p.into_inner());
-                    send_message(&f, &m)?;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Reads one message; `None` when the peer closed between messages.
-pub fn recv_message(sock: &UnixStream) -> Result<Option<Message>, RelayError> {
-    let mut header = [0u8; HEADER_LEN];
-    let mut fds = [-1 as RawFd; MAX_FDS + 1];
-    let mut iov = [libc::iovec {
-        iov_base: header.as_mut_ptr().cast(),
-        iov_len: HEADER_LEN,
-    }];
-    let (n, nfds) = loop {
-        // SAFETY: the iovec points at `header`, which outlives the call and may hold
-        // any bytes; `fds` has room for MAX_FDS + 1 descriptors.
-        match unsafe { sock.recv_with_fds(&mut iov, &mut fds) } {
-            Ok(r) => break r,
-            Err(e) if e.errno() == libc::EINTR => continue,
-            Err(e) => return Err(io::Error::from_raw_os_error(e.errno()).into()),
-        }
-    };
-    let files: Vec<File> = fds[..nfds.min(fds.len())]
-        .iter()
-        // SAFETY: the kernel installed these descriptors for us; nothing else owns them.
-        .map(|&fd| unsafe { File::from_raw_fd(fd) })
-        .collect();
-    if n == 0 {
-        return Ok(None);
-    }
-    if files.len() > MAX_FDS {
-        return Err(RelayError::TooManyFds);
-    }
-    let mut s = sock;
-    if n < HEADER_LEN {
-        s.read_exact(&mut header[n..])?;
-    }
-    let size = u32_at(&header, 8);
-    if size as usize > MAX_PAYLOAD {
-        return Err(RelayError::Oversized {
-            request: u32_at(&header, 0),
-            size,
-        });
-    }
-    let mut payload = vec![0u8; size as usize];
-    s.read_exact(&mut payload)?;
-    Ok(Some(Message {
-        header,
-        payload,
-        files,
-    }))
-}
-
-/// Writes one message with its descriptors.
-pub fn send_message(sock: &UnixStream, msg: &Message) -> Result<(), RelayError> {
-    let mut bytes = Vec::with_capacity(HEADER_LEN + msg.payload.len());
-    bytes.extend_from_slice(&msg.header);
-    bytes.extend_from_slice(&msg.payload);
-    let fds: Vec<RawFd> = msg.files.iter().map(AsRawFd::as_raw_fd).collect();
-    let sent = sock
-        .send_with_fds(&[&bytes[..]], &fds)
-        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
-    if sent < bytes.len() {
-        let mut s = sock;
-        s.write_all(&bytes[sent..])?;
-    }
-    Ok(())
 }
 
 /// The region of an ADD_MEM_REG or REM_MEM_REG payload.
@@ -479,19 +232,12 @@ fn single_region(msg: &Message) -> Option<[u8; REGION_LEN]> {
     msg.payload.get(8..)?.try_into().ok()
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    let mut v = [0u8; 4];
-    if let Some(s) = b.get(at..at + 4) {
-        v.copy_from_slice(s);
-    }
-    u32::from_le_bytes(v)
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+    use keel_vhost_relay::{FLAG_REPLY, FLAG_VERSION};
 
     fn enable(index: u32, state: u32, flags: u32) -> Message {
         let mut p = index.to_le_bytes().to_vec();
@@ -627,39 +373,20 @@ mod tests {
         let mut o = Order::new(2);
         assert!(matches!(
             o.on_request(enable(2, 1, 0)),
-            Err(RelayError::BadEnable(_))
+            Err(OrderError::BadEnable(_))
         ));
         assert!(matches!(
             o.on_request(enable(0, 7, 0)),
-            Err(RelayError::BadEnable(_))
+            Err(OrderError::BadEnable(_))
         ));
         let short = Message::new(SET_VRING_ENABLE, FLAG_VERSION, &[0u8; 4]);
-        assert!(matches!(o.on_request(short), Err(RelayError::BadEnable(_))));
+        assert!(matches!(o.on_request(short), Err(OrderError::BadEnable(_))));
         for _ in 0..MAX_HELD {
             o.on_request(enable(1, 1, 0)).unwrap();
         }
         assert!(matches!(
             o.on_request(enable(1, 1, 0)),
-            Err(RelayError::TooManyHeld)
+            Err(OrderError::TooManyHeld)
         ));
-    }
-
-    #[test]
-    fn framing_limits_end_the_connection() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let mut big = Message::new(1, FLAG_VERSION, &[]);
-        big.header[8..12].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
-        send_message(&a, &big).unwrap();
-        assert!(matches!(
-            recv_message(&b),
-            Err(RelayError::Oversized { request: 1, .. })
-        ));
-        // A truncated message: the peer closes mid-payload.
-        let mut m = Message::new(SET_FEATURES, FLAG_VERSION, &[0u8; 8]);
-        m.payload.truncate(3);
-        send_message(&a, &m).unwrap();
-        drop(a);
-        assert!(matches!(recv_message(&b), Err(RelayError::Io(_))));
-        assert!(recv_message(&b).unwrap().is_none());
     }
 }

@@ -2,14 +2,13 @@
 //! vhost-user socket, one after another, for as long as the port exists.
 
 use std::collections::HashMap;
-use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use keel_vhost_relay::{private_connection, Relay};
 use log::{info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
@@ -20,7 +19,7 @@ use crate::backend::{PortBackend, ATTACH_EVENT, TX_BATCH};
 use crate::config::PortConfig;
 use crate::net::{TxBatch, HDR_LEN, MAX_CHAIN_LEN};
 use crate::poller::PollGroups;
-use crate::relay::Relay;
+use crate::relay::Order;
 use crate::switch::ForwardScratch;
 use crate::switch::{lock, Port, Switch};
 use crate::tap::Tap;
@@ -289,7 +288,7 @@ fn serve_one(
         return Err(ServeError::Daemon(e.to_string()));
     }
     let queues = backend.num_queues() as u32;
-    let relay = match Relay::start(frontend, inner, queues, name) {
+    let relay = match Relay::start(frontend, inner, name, Order::new(queues)) {
         Ok(r) => r,
         Err(e) => {
             daemon.request_shutdown();
@@ -317,29 +316,4 @@ fn serve_one(
         Err(e) => info!("port {name}: frontend connection ended: {e}"),
     }
     Ok(())
-}
-
-/// A listener with one connection already queued, plus that connection's other end.
-/// The listener lives in a directory only this user can enter, removed again before
-/// this returns, so no other process can take the daemon's place.
-fn private_connection(socket: &Path, id: u64) -> std::io::Result<(Listener, UnixStream)> {
-    let name = socket
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let parent = socket
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-    let dir = parent.join(format!(".{name}.{}.{id}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-    let result = (|| {
-        let path = dir.join("s");
-        let listener = UnixListener::bind(&path)?;
-        let inner = UnixStream::connect(&path)?;
-        Ok((Listener::from(listener), inner))
-    })();
-    let _ = std::fs::remove_dir_all(&dir);
-    result
 }
