@@ -258,6 +258,11 @@ pub struct TapConfig {
     pub name: String,
     /// Interface name (created if it does not exist).
     pub dev: String,
+    /// Checksum/segmentation offloads on this TAP (`None`: the switch's `offloads`).
+    /// Off, the kernel sends and expects complete frames: GSO frames for it are
+    /// segmented and checksums completed by the switch.
+    #[serde(default)]
+    pub offloads: Option<bool>,
 }
 
 impl TapConfig {
@@ -282,9 +287,9 @@ impl TapConfig {
 impl FromStr for TapConfig {
     type Err = String;
 
-    /// Parses `name=up0,dev=tap0`.
+    /// Parses `name=up0,dev=tap0[,offloads=on|off]`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (mut name, mut dev) = (None, None);
+        let (mut name, mut dev, mut offloads) = (None, None, None);
         for item in s.split(',') {
             let (k, v) = item
                 .split_once('=')
@@ -292,12 +297,20 @@ impl FromStr for TapConfig {
             match k {
                 "name" => name = Some(v.to_string()),
                 "dev" => dev = Some(v.to_string()),
-                _ => return Err(format!("unknown key {k:?}: expected name or dev")),
+                "offloads" => {
+                    offloads = Some(match v {
+                        "on" | "true" => true,
+                        "off" | "false" => false,
+                        _ => return Err(format!("offloads: expected on or off, found {v:?}")),
+                    })
+                }
+                _ => return Err(format!("unknown key {k:?}: expected name, dev or offloads")),
             }
         }
         let tap = TapConfig {
             name: name.ok_or("missing name=")?,
             dev: dev.ok_or("missing dev=")?,
+            offloads,
         };
         tap.validate()?;
         Ok(tap)
@@ -771,6 +784,28 @@ mod tests {
         assert!("02:00:00:00:00:0g".parse::<Mac>().is_err());
         assert!("ff:ff:ff:ff:ff:ff".parse::<Mac>().unwrap().is_multicast());
     }
+    #[test]
+    fn tap_offloads_per_uplink() {
+        let t: TapConfig = "name=up0,dev=tap0".parse().unwrap();
+        assert_eq!(t.offloads, None);
+        let t: TapConfig = "name=up0,dev=tap0,offloads=off".parse().unwrap();
+        assert_eq!(t.offloads, Some(false));
+        let t: TapConfig = "name=up0,dev=tap0,offloads=on".parse().unwrap();
+        assert_eq!(t.offloads, Some(true));
+        let e = "name=up0,dev=tap0,offloads=maybe"
+            .parse::<TapConfig>()
+            .unwrap_err();
+        assert!(e.contains("expected on or off"), "{e}");
+        let c =
+            parse("offloads = true\ncontrol = \"c\"\n[[tap]]\nname = \"up0\"\ndev = \"tap0\"\noffloads = false\n")
+                .unwrap();
+        assert_eq!(c.taps[0].offloads, Some(false));
+        assert!(
+            parse("control = \"c\"\n[[tap]]\nname = \"up0\"\ndev = \"tap0\"\noffloads = 3\n")
+                .is_err()
+        );
+    }
+
     #[test]
     fn shared_poll_cpus() {
         let c =

@@ -95,7 +95,7 @@ fn main() -> ExitCode {
         }
     }
     for tap in &cfg.taps {
-        if let Err(e) = server.add_tap(&tap.name, &tap.dev) {
+        if let Err(e) = server.add_tap(&tap.name, &tap.dev, tap.offloads) {
             error!("uplink {}: {e}", tap.name);
             return ExitCode::FAILURE;
         }

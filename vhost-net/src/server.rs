@@ -119,8 +119,14 @@ impl Server {
         Ok(port)
     }
 
-    /// Adds a TAP uplink called `name` on interface `dev` (created if missing).
-    pub fn add_tap(&self, name: &str, dev: &str) -> Result<Arc<Port>, ServeError> {
+    /// Adds a TAP uplink called `name` on interface `dev` (created if missing), with
+    /// checksum/segmentation offloads if `offloads` says so (default: the switch's).
+    pub fn add_tap(
+        &self,
+        name: &str,
+        dev: &str,
+        offloads: Option<bool>,
+    ) -> Result<Arc<Port>, ServeError> {
         let cfg = PortConfig {
             name: name.to_string(),
             socket: format!("tap:{dev}").into(),
@@ -128,8 +134,10 @@ impl Server {
         };
         cfg.validate().map_err(ServeError::Invalid)?;
         let tap = Arc::new(
-            Tap::open(dev, self.switch.offloads).map_err(|e| ServeError::Invalid(e.to_string()))?,
+            Tap::open(dev, offloads.unwrap_or(self.switch.offloads))
+                .map_err(|e| ServeError::Invalid(e.to_string()))?,
         );
+        let tap_offloads = tap.offloads();
         let port = self
             .switch
             .add_port_with(cfg, Some(tap.clone()))
@@ -146,7 +154,10 @@ impl Server {
             }
         };
         lock(&self.threads).insert(port.id, handle);
-        info!("uplink {name} on TAP {dev}");
+        info!(
+            "uplink {name} on TAP {dev}{}",
+            if tap_offloads { " (offloads)" } else { "" }
+        );
         Ok(port)
     }
 

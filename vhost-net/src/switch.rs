@@ -860,7 +860,10 @@ impl Switch {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let port = Arc::new(match tap {
-            Some(tap) => Port::new_tap(id, cfg, tap, self.offloads),
+            Some(tap) => {
+                let offloads = tap.offloads();
+                Port::new_tap(id, cfg, tap, offloads)
+            }
             None => Port::new(id, cfg),
         });
         let mut next: Vec<Arc<Port>> = ports.as_ref().clone();

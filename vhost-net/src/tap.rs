@@ -54,6 +54,7 @@ struct IfReq {
 pub struct Tap {
     file: File,
     name: String,
+    offloads: bool,
 }
 
 impl Tap {
@@ -103,7 +104,13 @@ impl Tap {
         Ok(Tap {
             file,
             name: String::from_utf8_lossy(&req.name[..len]).into_owned(),
+            offloads,
         })
+    }
+
+    /// Whether the kernel may send (and takes) partial checksums and GSO frames.
+    pub fn offloads(&self) -> bool {
+        self.offloads
     }
 
     /// The interface name the kernel gave.

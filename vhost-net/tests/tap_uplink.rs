@@ -81,6 +81,19 @@ fn frames_reach_a_namespace_through_the_tap_uplink_and_back() {
 /// frame the switch carried must be larger than the MTU (GSO frames passed through).
 #[test]
 fn tcp_with_checksum_and_tso_offloads_between_two_tap_uplinks() {
+    tcp_between_two_tap_uplinks(true);
+}
+
+/// The same transfer with offloads off on B's TAP: A's kernel still hands the switch
+/// GSO frames with partial checksums, which B's kernel cannot take, so the switch
+/// segments them and completes every checksum. B's kernel checks each segment; the
+/// data must arrive intact and `sw_segmented` must count the GSO frames.
+#[test]
+fn tcp_through_software_segmentation_to_a_tap_without_offloads() {
+    tcp_between_two_tap_uplinks(false);
+}
+
+fn tcp_between_two_tap_uplinks(b_offloads: bool) {
     let Some(a) = Netns::create("keelnet") else {
         return;
     };
@@ -96,7 +109,11 @@ fn tcp_with_checksum_and_tso_offloads_between_two_tap_uplinks() {
             "--tap",
             "name=upa,dev=ktapa",
             "--tap",
-            "name=upb,dev=ktapb",
+            if b_offloads {
+                "name=upb,dev=ktapb"
+            } else {
+                "name=upb,dev=ktapb,offloads=off"
+            },
             "--offloads",
         ],
     );
@@ -156,5 +173,18 @@ fn tcp_with_checksum_and_tso_offloads_between_two_tap_uplinks() {
     );
     assert!(bytes >= LEN as u64, "{upa}");
     assert!(bytes / pkts > 1514, "no GSO frames crossed: {upa}");
-    assert_eq!(be.port("upb")["drop_rx_offload"], 0);
+    let upb = be.port("upb");
+    assert_eq!(upb["drop_rx_offload"], 0, "{upb}");
+    let segmented = upb["sw_segmented"].as_u64().unwrap();
+    if b_offloads {
+        assert_eq!(segmented, 0, "{upb}");
+    } else {
+        assert!(segmented > 0, "{upb}");
+        // B's kernel got MTU-sized segments only.
+        let (rx_pkts, rx_bytes) = (
+            upb["rx_packets"].as_u64().unwrap(),
+            upb["rx_bytes"].as_u64().unwrap(),
+        );
+        assert!(rx_bytes / rx_pkts <= 1514, "{upb}");
+    }
 }
