@@ -283,21 +283,12 @@ impl LoadedSpec {
     }
 }
 
-/// Converts a byte offset into 1-based line and column.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before
-        .rfind('\n')
-        .map_or(before.len(), |i| before.len() - i - 1)
-        + 1;
-    (line, column)
-}
-
 /// Parses spec text; `path` is used in messages and to resolve relative paths.
 pub fn parse(text: &str, path: &Path) -> Result<LoadedSpec, SpecError> {
     let spec: Spec = toml::from_str(text).map_err(|e| {
-        let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
+        let (line, column) = e
+            .span()
+            .map_or((1, 1), |s| keel_config_error::line_column(text, s.start));
         SpecError::Parse {
             path: path.display().to_string(),
             line,

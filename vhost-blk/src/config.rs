@@ -17,34 +17,7 @@ const MAX_QUEUES: u16 = 64;
 /// Longest serial number virtio-blk can report (`VIRTIO_BLK_ID_BYTES`).
 pub const MAX_SERIAL_LEN: usize = 20;
 
-/// Why a configuration was rejected. `Display` is one line.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The TOML file could not be read.
-    #[error("{}: cannot read config file: {source}", path.display())]
-    Read {
-        /// The config file.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The TOML file is invalid: `FILE:LINE:COL: message`.
-    #[error("{file}:{line}:{column}: {message}")]
-    Invalid {
-        /// The config file as given.
-        file: String,
-        /// 1-based line.
-        line: usize,
-        /// 1-based column (characters).
-        column: usize,
-        /// What was wrong and what was expected.
-        message: String,
-    },
-    /// A command-line option or a value is invalid.
-    #[error("{0}")]
-    Args(String),
-}
+pub use keel_config_error::ConfigError;
 
 /// How a queue worker waits for work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
@@ -227,10 +200,7 @@ impl From<RawDisk> for DiskConfig {
 /// Turns command-line arguments (and the TOML file they name) into disk configs.
 pub fn disks_from_args(args: &Args) -> Result<Vec<DiskConfig>, ConfigError> {
     if let Some(path) = &args.config {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let text = keel_config_error::read(path)?;
         return parse_toml(&text, path);
     }
     let (Some(socket), Some(image)) = (&args.socket, &args.image) else {
@@ -257,19 +227,8 @@ pub fn disks_from_args(args: &Args) -> Result<Vec<DiskConfig>, ConfigError> {
 
 /// Parses and validates a TOML file's text. Relative paths are relative to the file.
 pub fn parse_toml(text: &str, file: &Path) -> Result<Vec<DiskConfig>, ConfigError> {
-    let invalid = |offset: usize, message: String| {
-        let (line, column) = line_column(text, offset);
-        ConfigError::Invalid {
-            file: file.display().to_string(),
-            line,
-            column,
-            message,
-        }
-    };
-    let raw: RawFile = toml::from_str(text).map_err(|e| {
-        let offset = e.span().map(|s| s.start).unwrap_or(0);
-        invalid(offset, e.message().trim().to_string())
-    })?;
+    let invalid = |offset: usize, message: String| ConfigError::at(file, text, offset, &message);
+    let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError::toml(file, text, &e))?;
     if raw.disk.is_empty() {
         return Err(invalid(0, "expected at least one [[disk]] table".into()));
     }
@@ -294,16 +253,6 @@ pub fn parse_toml(text: &str, file: &Path) -> Result<Vec<DiskConfig>, ConfigErro
         disks.push(disk);
     }
     Ok(disks)
-}
-
-/// 1-based line and column (in characters) of byte `offset` in `text`.
-fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = text.get(..offset).unwrap_or(text);
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
-    let column = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
-    (line, column)
 }
 
 #[cfg(test)]

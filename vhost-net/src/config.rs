@@ -18,34 +18,7 @@ const MAX_QUEUE_SIZE: u16 = 32768;
 /// Longest port name (it appears in logs and control-socket replies).
 pub const MAX_NAME_LEN: usize = 64;
 
-/// Why a configuration was rejected. `Display` is one line.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The TOML file could not be read.
-    #[error("{}: cannot read config file: {source}", path.display())]
-    Read {
-        /// The config file.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The TOML file is invalid: `FILE:LINE:COL: message`.
-    #[error("{file}:{line}:{column}: {message}")]
-    Invalid {
-        /// The config file as given.
-        file: String,
-        /// 1-based line.
-        line: usize,
-        /// 1-based column (characters).
-        column: usize,
-        /// What was wrong and what was expected.
-        message: String,
-    },
-    /// A command-line option or a value is invalid.
-    #[error("{0}")]
-    Args(String),
-}
+pub use keel_config_error::ConfigError;
 
 /// An Ethernet MAC address.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -492,10 +465,7 @@ pub fn duplicate(ports: &[PortConfig]) -> Option<String> {
 /// Turns command-line arguments (and the TOML file they name) into a switch config.
 pub fn switch_from_args(args: &Args) -> Result<SwitchConfig, ConfigError> {
     if let Some(path) = &args.config {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let text = keel_config_error::read(path)?;
         let mut cfg = parse_toml(&text, path)?;
         // Command-line values override the file only when given explicitly.
         if args.control.is_some() {
@@ -531,19 +501,8 @@ pub fn switch_from_args(args: &Args) -> Result<SwitchConfig, ConfigError> {
 
 /// Parses and validates a TOML file's text. Relative paths are relative to the file.
 pub fn parse_toml(text: &str, file: &Path) -> Result<SwitchConfig, ConfigError> {
-    let invalid = |offset: usize, message: String| {
-        let (line, column) = line_column(text, offset);
-        ConfigError::Invalid {
-            file: file.display().to_string(),
-            line,
-            column,
-            message,
-        }
-    };
-    let raw: RawFile = toml::from_str(text).map_err(|e| {
-        let offset = e.span().map(|s| s.start).unwrap_or(0);
-        invalid(offset, e.message().trim().to_string())
-    })?;
+    let invalid = |offset: usize, message: String| ConfigError::at(file, text, offset, &message);
+    let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError::toml(file, text, &e))?;
     let base = file.parent().unwrap_or(Path::new(""));
     let mut ports: Vec<PortConfig> = Vec::new();
     for (i, spanned) in raw.port.into_iter().enumerate() {
@@ -589,16 +548,6 @@ pub fn parse_toml(text: &str, file: &Path) -> Result<SwitchConfig, ConfigError> 
         ));
     }
     Ok(cfg)
-}
-
-/// 1-based line and column (in characters) of byte `offset` in `text`.
-fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = text.get(..offset).unwrap_or(text);
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
-    let column = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
-    (line, column)
 }
 
 #[cfg(test)]

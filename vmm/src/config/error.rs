@@ -99,29 +99,7 @@ impl Problem {
     }
 }
 
-/// 1-based line and column (counted in characters) of byte `offset` in `text`.
-/// Offsets past the end or inside a character are clamped.
-pub(crate) fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let mut offset = offset.min(text.len());
-    while !text.is_char_boundary(offset) {
-        offset -= 1;
-    }
-    let before = &text[..offset];
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
-    let column = before[line_start..].chars().count() + 1;
-    (line, column)
-}
-
-/// Joins the lines of a multi-line message with `"; "` so that every error is one line.
-pub(crate) fn one_line(text: &str) -> String {
-    let lines: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
-    lines.join("; ")
-}
+pub(crate) use keel_config_error::{line_column, one_line};
 
 #[cfg(test)]
 mod tests {
