@@ -18,6 +18,9 @@ const REASSIGN_KEY: &[u8] = b"probe.pci_reassign";
 /// and set up a second pair it never uses, like a Linux driver with one active
 /// pair).
 const NET_PAIRS_KEY: &[u8] = b"probe.net_pairs";
+/// With `probe.net_pairs=2`: send VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET with this many
+/// pairs on the control queue after DRIVER_OK (`probe.net_mq_set=2`).
+const NET_MQ_SET_KEY: &[u8] = b"probe.net_mq_set";
 /// Default device test timeout (one request; the wait for network replies).
 const TIMEOUT_MS_DEFAULT: u64 = 2000;
 /// Longest echoed line; longer lines are cut to this length.
@@ -82,9 +85,13 @@ impl<'a> Mode<'a> {
                 let net_pairs = crate::cmdline::value(cmdline, NET_PAIRS_KEY)
                     .and_then(crate::cmdline::parse_u64)
                     .map_or(1, |n| n.clamp(1, 2) as u16);
+                let net_mq_set = crate::cmdline::value(cmdline, NET_MQ_SET_KEY)
+                    .and_then(crate::cmdline::parse_u64)
+                    .map_or(0, |n| n.min(u64::from(u16::MAX)) as u16);
                 Self::Devices(Devices {
                     rounds,
                     net_pairs,
+                    net_mq_set,
                     reassign_bars,
                     pci_only: name == b"pci",
                     blk: matches!(name, b"virtio" | b"blk"),
@@ -116,6 +123,8 @@ pub struct Devices {
     pub reassign_bars: bool,
     /// Queue pairs the virtio-net driver sets up (`probe.net_pairs=`, 1 or 2).
     pub net_pairs: u16,
+    /// Pairs to select with VQ_PAIRS_SET on the control queue (0: send nothing).
+    pub net_mq_set: u16,
 }
 
 /// Runs `mode`; every mode ends in a power-off, a triple fault or runs forever.

@@ -84,6 +84,8 @@ pub struct TestConfig {
     pub rounds: u64,
     /// Queue pairs the virtio-net driver sets up (only the first carries frames).
     pub net_pairs: u16,
+    /// Pairs to select with VQ_PAIRS_SET on the control queue (0: send nothing).
+    pub net_mq_set: u16,
 }
 
 /// A page-aligned static DMA area of `N` bytes, handed to devices by its
@@ -184,6 +186,7 @@ pub fn run_mode(out: &mut Serial, devices: &Devices) {
         timeout_ms: devices.timeout_ms,
         rounds: devices.rounds,
         net_pairs: devices.net_pairs,
+        net_mq_set: devices.net_mq_set,
     };
     let blk = if devices.blk {
         blk::test(out, &functions, &cfg)

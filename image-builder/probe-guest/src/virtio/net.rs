@@ -38,6 +38,11 @@ const HDR_NUM_BUFFERS: usize = 10;
 /// Queue indexes of the first pair.
 const RX_QUEUE: u16 = 0;
 const TX_QUEUE: u16 = 1;
+/// The control queue with two pairs (after queues 0-3).
+const CTRL_QUEUE: u16 = 4;
+/// VIRTIO_NET_CTRL_MQ class and its VQ_PAIRS_SET command.
+const CTRL_CLASS_MQ: u8 = 4;
+const CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
 /// Queue size used (if the device allows that many).
 const QUEUE_SIZE: u16 = 16;
 /// Receive buffers: count and size (a whole frame plus header fits).
@@ -84,6 +89,11 @@ static TX: Dma<4096> = Dma::new();
 static RXQ1: Dma<4096> = Dma::new();
 #[link_section = ".noinit.dma"]
 static TXQ1: Dma<4096> = Dma::new();
+/// The control queue's rings and one command buffer (header, data, ack).
+#[link_section = ".noinit.dma"]
+static CTRLQ: Dma<4096> = Dma::new();
+#[link_section = ".noinit.dma"]
+static CTRL: Dma<4096> = Dma::new();
 
 /// What came back.
 #[derive(Default)]
@@ -170,6 +180,14 @@ fn run(out: &mut Serial, dev: &VirtioPci, cfg: &TestConfig) -> Result<Outcome, &
         }
         say!(out, "virtio-net mq pairs_set_up=2 pairs_used=1");
     }
+    let ctrl = if accepted & F_MQ != 0 && accepted & F_CTRL_VQ != 0 && dev.num_queues() >= 5 {
+        // SAFETY: CTRLQ is this driver's control queue page, used for nothing else.
+        let (queue, _) =
+            unsafe { dev.setup_queue(CTRL_QUEUE, CTRLQ.addr(), QUEUE_SIZE, NO_VECTOR) }?;
+        Some(queue)
+    } else {
+        None
+    };
     if msix {
         say!(
             out,
@@ -231,6 +249,14 @@ fn run(out: &mut Serial, dev: &VirtioPci, cfg: &TestConfig) -> Result<Outcome, &
     }
     dev.driver_ok()?;
     net.rx.notify();
+    if let (Some(mut ctrl), true) = (ctrl, cfg.net_mq_set > 0) {
+        let ack = vq_pairs_set(&mut ctrl, cfg.net_mq_set, cfg.timeout_ms)?;
+        say!(
+            out,
+            "virtio-net ctrl vq_pairs_set={} ack={ack}",
+            cfg.net_mq_set
+        );
+    }
 
     // Send the probe frames and the ARP request, then wait for completions.
     let sent = PROBE_FRAMES + 1;
@@ -438,4 +464,23 @@ impl Net {
             }
         }
     }
+}
+
+/// Sends VQ_PAIRS_SET(`pairs`) on the control queue and waits for the device's
+/// answer: the ack byte (0: VIRTIO_NET_OK), or 0xff if none came in time.
+fn vq_pairs_set(ctrl: &mut SplitQueue, pairs: u16, timeout_ms: u64) -> Result<u8, &'static str> {
+    CTRL.write(0, &[CTRL_CLASS_MQ, CTRL_MQ_VQ_PAIRS_SET]);
+    CTRL.write(2, &pairs.to_le_bytes());
+    CTRL.write(4, &[0xff]);
+    ctrl.push(&[
+        Buffer::readable(CTRL.at(0), 2),
+        Buffer::readable(CTRL.at(2), 2),
+        Buffer::writable(CTRL.at(4), 1),
+    ])
+    .ok_or("control queue full")?;
+    ctrl.notify();
+    interrupts::wait_until(timeout_ms, || ctrl.pop_used().is_some());
+    let mut ack = [0u8; 1];
+    CTRL.read(4, &mut ack);
+    Ok(ack[0])
 }
