@@ -739,10 +739,10 @@ fn a_restarted_nic_backend_gets_only_the_queue_pairs_the_driver_enabled() {
 }
 
 #[test]
-fn the_guests_vq_pairs_set_enables_the_second_pair_in_the_backend() {
+fn the_guests_vq_pairs_set_enables_the_second_pair_also_after_a_backend_restart() {
     let dir = SandboxDir::new();
     let switch_log = dir.path("switch.log");
-    let _switch = start_switch(&dir, 2, &switch_log);
+    let mut switch = start_switch(&dir, 2, &switch_log);
     let config = dir.probe_config(
         "net probe.timeout_ms=30000 probe.net_pairs=2 probe.net_mq_set=2",
         1,
@@ -752,24 +752,36 @@ fn the_guests_vq_pairs_set_enables_the_second_pair_in_the_backend() {
             dir.path("vm.sock").display()
         ),
     );
-    let vmm = Vmm::start(&config);
+    let mut vmm = Vmm::start(&config);
     // The guest's driver asks for both pairs on the control queue, which keel-vmm
     // serves: it acks, and enables pair 1's rings in the backend.
     vmm.stdout.wait_for(
         "keel-probe: virtio-net ctrl vq_pairs_set=2 ack=0",
         BOOT_TIMEOUT,
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let vm = loop {
-        let vm = switch_port(&dir, "vm");
-        if vm["pairs"][1]["enabled"] == true || Instant::now() > deadline {
-            break vm;
+    let both_enabled = |dir: &SandboxDir| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let vm = switch_port(dir, "vm");
+            if vm["pairs"][1]["enabled"] == true || Instant::now() > deadline {
+                return vm;
+            }
+            thread::sleep(Duration::from_millis(50));
         }
-        thread::sleep(Duration::from_millis(50));
     };
+    let vm = both_enabled(&dir);
+    assert_eq!(vm["pairs"][0]["enabled"], true, "{vm}");
+    assert_eq!(vm["pairs"][1]["enabled"], true, "{vm}");
+    // After a backend restart the replay enables what the driver selected: both.
+    crash_backend(&mut vmm, &mut switch, "net0");
+    switch = start_switch(&dir, 2, &switch_log);
+    vmm.stderr
+        .wait_for("device net0: backend is back", Duration::from_secs(30));
+    let vm = both_enabled(&dir);
     assert_eq!(vm["pairs"][0]["enabled"], true, "{vm}");
     assert_eq!(vm["pairs"][1]["enabled"], true, "{vm}");
     drop(vmm);
+    drop(switch);
 }
 
 #[test]
