@@ -114,6 +114,11 @@ mod tests {
         assert!(!msg.contains('\n'), "{msg}");
         let e = ConfigError::at(Path::new("f"), "abc", 2, "first\n  second\n");
         assert_eq!(e.to_string(), "f:1:3: first; second");
+        assert_eq!(
+            one_line("invalid table header\nexpected `.`, `]`\n"),
+            "invalid table header; expected `.`, `]`"
+        );
+        assert_eq!(one_line("plain"), "plain");
         let e = read(Path::new("/nonexistent/keel.toml")).unwrap_err();
         assert!(
             e.to_string()

@@ -106,28 +106,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn positions() {
-        let text = "a = 1\nbé = 2\n";
-        assert_eq!(line_column(text, 0), (1, 1));
-        assert_eq!(line_column(text, 4), (1, 5));
-        assert_eq!(line_column(text, 6), (2, 1));
-        // 'é' is two bytes; the '=' after it is the fourth character.
-        assert_eq!(line_column(text, 10), (2, 4));
-        // An offset inside 'é' is moved back to its start.
-        assert_eq!(line_column(text, 8), (2, 2));
-        assert_eq!(line_column(text, 9999), (3, 1));
-    }
-
-    #[test]
-    fn one_line_messages() {
-        assert_eq!(
-            one_line("invalid table header\nexpected `.`, `]`\n"),
-            "invalid table header; expected `.`, `]`"
-        );
-        assert_eq!(one_line("plain"), "plain");
-    }
-
-    #[test]
     fn display() {
         let err = Problem::new(0..1, "memory.size", "bad").into_error("x", Path::new("demo.toml"));
         assert_eq!(err.to_string(), "demo.toml:1:1: memory.size: bad");
