@@ -13,12 +13,33 @@ use std::time::{Duration, Instant};
 use common::{SandboxDir, Vmm, BOOT_TIMEOUT};
 
 /// DPDK peers need hugepages from a shared pool: tests that start them run one at a
-/// time.
+/// time, in this process (the mutex) and across test processes (an exclusive flock
+/// of the file vhost-net's tests take too).
 static DPDK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn dpdk_lock() -> std::sync::MutexGuard<'static, ()> {
-    DPDK.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+/// Held while a test runs testpmd.
+struct DpdkLock {
+    _file: Option<std::fs::File>,
+    _guard: std::sync::MutexGuard<'static, ()>,
+}
+
+fn dpdk_lock() -> DpdkLock {
+    let guard = DPDK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open("/tmp/keel-dpdk-tests.lock")
+        .ok();
+    if let Some(f) = &file {
+        // SAFETY: flock(2) on an open file descriptor; blocks until it is ours.
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(f), libc::LOCK_EX) };
+    }
+    DpdkLock {
+        _file: file,
+        _guard: guard,
+    }
 }
 
 /// A backend process this test started; killed by PID on drop.

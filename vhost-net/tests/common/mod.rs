@@ -15,10 +15,34 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// Serializes the tests that start testpmd (hugepages and CPUs are scarce).
-pub fn testpmd_lock() -> MutexGuard<'static, ()> {
+/// Held while a test runs testpmd: this process's other tests wait on the mutex,
+/// other test processes (vmm/tests/devices.rs too) on an exclusive `flock` of
+/// [`DPDK_LOCK_FILE`]; huge pages and CPUs are too scarce for two at once.
+pub struct TestpmdLock {
+    _file: Option<std::fs::File>,
+    _guard: MutexGuard<'static, ()>,
+}
+
+/// The lock file every keel test that starts testpmd takes.
+pub const DPDK_LOCK_FILE: &str = "/tmp/keel-dpdk-tests.lock";
+
+/// Serializes the tests that start testpmd, across test processes.
+pub fn testpmd_lock() -> TestpmdLock {
     static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+    let guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(DPDK_LOCK_FILE)
+        .ok();
+    if let Some(f) = &file {
+        // SAFETY: flock(2) on an open file descriptor; blocks until it is ours.
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(f), libc::LOCK_EX) };
+    }
+    TestpmdLock {
+        _file: file,
+        _guard: guard,
+    }
 }
 
 /// Whether testpmd can run here: the binary exists and 2 MiB pages are free.
