@@ -157,6 +157,7 @@ pub fn attach(
     let mut root = PciRoot::new();
     let mut bars = BarSpace::new(MMIO_HOLE_START..IOAPIC_ADDR, high_window(vm, ram));
     let timeout = config.devices.connect_timeout;
+    let reply_timeout = config.devices.reply_timeout;
 
     let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
     for disk in &config.disk {
@@ -175,6 +176,7 @@ pub fn attach(
             queues: disk.queues,
             queue_size: disk.queue_size,
             connect_timeout: timeout,
+            reply_timeout,
         })?;
         devices.push((disk.id.clone(), Box::new(blk)));
     }
@@ -186,6 +188,7 @@ pub fn attach(
             queue_pairs: nic.queue_pairs,
             queue_size: nic.queue_size,
             connect_timeout: timeout,
+            reply_timeout,
         })?;
         devices.push((nic.id.clone(), Box::new(net)));
     }

@@ -853,6 +853,22 @@ fn disk_io_continues_while_the_nic_backend_is_down_and_the_nic_recovers() {
 
 #[test]
 fn a_hung_backend_cannot_hang_the_vmm() {
+    // Given up by the default 5 s reply deadline, not by the peer closing (at 12 s).
+    let took = vmm_facing_a_hung_backend(None);
+    assert!(took < Duration::from_secs(11), "{took:?}");
+    assert!(took >= Duration::from_secs(5), "{took:?}");
+}
+
+#[test]
+fn the_reply_deadline_is_the_sandboxs_reply_timeout() {
+    let took = vmm_facing_a_hung_backend(Some("1s"));
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    assert!(took >= Duration::from_secs(1), "{took:?}");
+}
+
+/// Starts a VM whose disk backend accepts the connection and never answers; returns
+/// how long the VMM took to give up (it must, exit 1, naming device and step).
+fn vmm_facing_a_hung_backend(reply_timeout: Option<&str>) -> Duration {
     let dir = SandboxDir::new();
     let socket = dir.path("hung.sock");
     // Accepts connections and never answers.
@@ -862,20 +878,24 @@ fn a_hung_backend_cannot_hang_the_vmm() {
         thread::sleep(Duration::from_secs(12));
         drop(conn);
     });
-    let config = disk_config(&dir, "hello", &socket, "");
+    let config = dir.probe_config(
+        "hello",
+        1,
+        &format!(
+            "[devices]\nconnect_timeout = \"10s\"\n{}[[disk]]\nid = \"disk0\"\nsocket = \"{}\"\n",
+            reply_timeout.map_or(String::new(), |t| format!("reply_timeout = \"{t}\"\n")),
+            socket.display()
+        ),
+    );
     let started = Instant::now();
     let mut vmm = Vmm::start(&config);
     let status = vmm.wait(Duration::from_secs(40));
+    let took = started.elapsed();
     let err = vmm.stderr.text();
-    eprintln!("hung backend: VMM gave up after {:?}", started.elapsed());
+    eprintln!("hung backend: VMM gave up after {took:?}");
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("device disk0"), "{err}");
     assert!(err.contains("GET_FEATURES"), "{err}");
-    // Given up by the reply deadline, not by the peer closing (at 12 s).
-    assert!(
-        started.elapsed() < Duration::from_secs(11),
-        "{:?}",
-        started.elapsed()
-    );
     drop(keep);
+    took
 }

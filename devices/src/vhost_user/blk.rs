@@ -60,6 +60,8 @@ pub struct BlkSettings {
     pub queue_size: u16,
     /// How long to wait for the backend socket.
     pub connect_timeout: Duration,
+    /// Longest wait for the backend's answer to one control message.
+    pub reply_timeout: Duration,
 }
 
 /// A vhost-user-blk device.
@@ -79,6 +81,7 @@ impl VhostUserBlk {
             &settings.id,
             socket,
             settings.connect_timeout,
+            settings.reply_timeout,
             u64::from(settings.queues),
             VhostUserProtocolFeatures::INFLIGHT_SHMFD,
         )?;

@@ -76,6 +76,8 @@ pub struct VhostUserConnection {
     disabled: Vec<usize>,
     /// What was started, to replay on a new connection after a backend restart.
     replay: Option<Replay>,
+    /// Longest wait for the answer to one control message.
+    reply_timeout: Duration,
 }
 
 /// The state a restarted backend needs to continue where the old one stopped.
@@ -94,8 +96,9 @@ struct Negotiated {
     backend_queues: Option<u64>,
 }
 
-/// How long the VMM waits for a backend's reply before giving up on it: a hung
-/// backend must not hold a vCPU (or the event loop) forever.
+/// How long the VMM waits for a backend's reply before giving up on it, unless the
+/// sandbox sets another (`[devices] reply_timeout`): a hung backend must not hold a
+/// vCPU (or the event loop) forever.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Shuts the backend socket down if an exchange takes longer than its deadline, so a
@@ -139,8 +142,9 @@ fn handshake(
     socket: &Path,
     frontend: Frontend,
     extra: VhostUserProtocolFeatures,
+    reply_timeout: Duration,
 ) -> Result<Negotiated, ConnectError> {
-    let _deadline = ReplyDeadline::arm(frontend.as_raw_fd(), REPLY_TIMEOUT);
+    let _deadline = ReplyDeadline::arm(frontend.as_raw_fd(), reply_timeout);
     let fail = |step: &'static str| {
         let id = id.to_owned();
         let socket = socket.to_path_buf();
@@ -185,13 +189,15 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
 }
 
 impl VhostUserConnection {
-    /// Connects to `socket`, retrying until `timeout`, and negotiates. `extra`
-    /// names protocol features the device type wants besides the common ones
+    /// Connects to `socket`, retrying until `timeout`, and negotiates; every later
+    /// control message waits at most `reply_timeout` for its answer. `extra` names
+    /// protocol features the device type wants besides the common ones
     /// (INFLIGHT_SHMFD for blk).
     pub fn connect(
         id: &str,
         socket: &Path,
         timeout: Duration,
+        reply_timeout: Duration,
         max_queues: u64,
         extra: VhostUserProtocolFeatures,
     ) -> Result<Self, ConnectError> {
@@ -217,7 +223,7 @@ impl VhostUserConnection {
             backend_features,
             protocol,
             backend_queues,
-        } = handshake(id, socket, frontend, extra)?;
+        } = handshake(id, socket, frontend, extra, reply_timeout)?;
         info!(
             "device {id}: connected to {} (features {backend_features:#x}, protocol {:?}, queues {backend_queues:?})",
             socket.display(),
@@ -238,6 +244,7 @@ impl VhostUserConnection {
             started: Vec::new(),
             disabled: Vec::new(),
             replay: None,
+            reply_timeout,
         })
     }
 
@@ -258,7 +265,13 @@ impl VhostUserConnection {
                 last: e.to_string(),
             }
         })?;
-        let n = handshake(&self.id, &self.socket, frontend, self.extra)?;
+        let n = handshake(
+            &self.id,
+            &self.socket,
+            frontend,
+            self.extra,
+            self.reply_timeout,
+        )?;
         let needed = self
             .replay
             .as_ref()
@@ -369,7 +382,7 @@ impl VhostUserConnection {
 
     /// Reads `len` bytes of the backend's device configuration.
     pub fn get_config(&mut self, len: usize) -> Result<Vec<u8>, String> {
-        let _deadline = ReplyDeadline::arm(self.frontend.as_raw_fd(), REPLY_TIMEOUT);
+        let _deadline = ReplyDeadline::arm(self.frontend.as_raw_fd(), self.reply_timeout);
         let buf = vec![0u8; len];
         self.frontend
             .get_config(0, len as u32, VhostUserConfigFlags::WRITABLE, &buf)
@@ -477,7 +490,7 @@ impl VhostUserConnection {
         calls: &[&EventFd],
         bases: &[u16],
     ) -> Result<(), DeviceError> {
-        let _deadline = ReplyDeadline::arm(self.frontend.as_raw_fd(), REPLY_TIMEOUT);
+        let _deadline = ReplyDeadline::arm(self.frontend.as_raw_fd(), self.reply_timeout);
         let protocol_bit = self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES;
         self.frontend
             .set_features(features | protocol_bit)
@@ -561,7 +574,7 @@ impl VhostUserConnection {
         if !enabled {
             self.disabled.push(index);
         }
-        let _deadline = ReplyDeadline::arm(self.frontend.as_raw_fd(), REPLY_TIMEOUT);
+        let _deadline = ReplyDeadline::arm(self.frontend.as_raw_fd(), self.reply_timeout);
         if self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
             return Err("the backend has no per-ring enable (no protocol features)".to_owned());
         }
@@ -573,7 +586,7 @@ impl VhostUserConnection {
     /// Stops every started ring (GET_VRING_BASE), so the backend stops touching
     /// guest memory.
     pub fn stop(&mut self) {
-        let _deadline = ReplyDeadline::arm(self.frontend.as_raw_fd(), REPLY_TIMEOUT);
+        let _deadline = ReplyDeadline::arm(self.frontend.as_raw_fd(), self.reply_timeout);
         let protocol = self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0;
         for index in std::mem::take(&mut self.started) {
             if protocol {

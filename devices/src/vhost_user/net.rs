@@ -63,6 +63,8 @@ pub struct NetSettings {
     pub queue_size: u16,
     /// How long to wait for the backend socket.
     pub connect_timeout: Duration,
+    /// Longest wait for the backend's answer to one control message.
+    pub reply_timeout: Duration,
 }
 
 /// A vhost-user-net device.
@@ -105,6 +107,7 @@ impl VhostUserNet {
             &settings.id,
             &settings.socket,
             settings.connect_timeout,
+            settings.reply_timeout,
             2 * u64::from(wanted),
             VhostUserProtocolFeatures::empty(),
         )?;

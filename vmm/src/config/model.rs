@@ -136,6 +136,9 @@ pub struct ControlConfig {
 pub struct DevicesConfig {
     /// How long to wait for vhost-user backends to accept a connection.
     pub connect_timeout: Duration,
+    /// How long a vhost-user backend may take to answer one control message before
+    /// it counts as hung (disconnected, then reconnected).
+    pub reply_timeout: Duration,
 }
 
 /// A vhost-user network device.

@@ -86,6 +86,7 @@ pub(crate) struct RawControl {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawDevices {
     pub connect_timeout: Option<Spanned<String>>,
+    pub reply_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

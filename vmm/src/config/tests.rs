@@ -129,6 +129,7 @@ input = true
 socket = "ctl.sock"
 [devices]
 connect_timeout = "500ms"
+reply_timeout = "20s"
 [[net]]
 id = "net0"
 socket = "/run/keel/net0.sock"
@@ -188,6 +189,7 @@ fn full_config_values() {
         },
         devices: DevicesConfig {
             connect_timeout: Duration::from_millis(500),
+            reply_timeout: Duration::from_secs(20),
         },
         net: vec![NetConfig {
             id: "net0".into(),
@@ -252,6 +254,7 @@ fn defaults() {
     );
     assert_eq!(config.control.socket, None);
     assert_eq!(config.devices.connect_timeout, Duration::from_secs(30));
+    assert_eq!(config.devices.reply_timeout, Duration::from_secs(5));
     assert_eq!(
         (config.net[0].queue_pairs, config.net[0].queue_size),
         (1, 256)

@@ -32,6 +32,8 @@ pub const MAX_SOCKET_PATH: usize = 107;
 pub const MAX_DISK_SERIAL: usize = 20;
 /// Default vhost-user connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `[devices] reply_timeout`.
+pub const DEFAULT_REPLY_TIMEOUT: Duration = keel_devices::vhost_user::connection::REPLY_TIMEOUT;
 
 type Result<T> = std::result::Result<T, Problem>;
 
@@ -58,6 +60,10 @@ pub(crate) fn validate(raw: RawConfig, base_dir: &Path, host: &HostInfo) -> Resu
         connect_timeout: match &raw.devices.connect_timeout {
             Some(t) => duration(t, "devices.connect_timeout")?,
             None => DEFAULT_CONNECT_TIMEOUT,
+        },
+        reply_timeout: match &raw.devices.reply_timeout {
+            Some(t) => duration(t, "devices.reply_timeout")?,
+            None => DEFAULT_REPLY_TIMEOUT,
         },
     };
 
