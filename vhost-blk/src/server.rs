@@ -137,7 +137,11 @@ impl Export {
         let now = CONNECTED.fetch_add(1, Ordering::Relaxed) + 1;
         crate::notify::status(&format!("{now} frontend(s) connected"));
         match daemon.wait() {
-            Ok(()) => info!("{}: frontend disconnected", self.path),
+            // The frontend closing its socket (a VM that stopped) is the normal end.
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected,
+            )) => info!("{}: frontend disconnected", self.path),
             Err(e) => warn!("{}: frontend connection ended: {e}", self.path),
         }
         for handler in daemon.get_epoll_handlers() {

@@ -323,8 +323,12 @@ fn serve_one(
     drop(daemon);
     relay.join();
     match r {
-        Ok(()) => info!("port {name}: frontend disconnected"),
-        Err(e) => info!("port {name}: frontend connection ended: {e}"),
+        // The frontend closing its socket (a VM that stopped) is the normal end.
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected)) => {
+            info!("port {name}: frontend disconnected")
+        }
+        Err(e) => warn!("port {name}: frontend connection ended: {e}"),
     }
     Ok(())
 }
