@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::backend::{pin_current_thread, PortBackend};
+use crate::backend::{pin_current_thread, PortBackend, IDLE_CLOCK_EVERY};
 use crate::switch::{lock, Vring};
 
 /// Longest sleep between checks of a group's membership when nothing wakes it.
@@ -114,7 +114,10 @@ impl PollGroup {
         }
         let mut seen = u64::MAX;
         let mut rings = Vec::new();
-        let mut idle_since = Instant::now();
+        // Busy passes do not read the clock (it is not free on a VM); the first idle
+        // pass starts the window.
+        let mut idle_since: Option<Instant> = None;
+        let mut idle_passes = 0u32;
         loop {
             let generation = self.generation.load(Ordering::Acquire);
             if generation != seen {
@@ -126,10 +129,17 @@ impl PollGroup {
                 busy |= backend.process_tx(*pair, vring, false);
             }
             if busy {
-                idle_since = Instant::now();
+                idle_since = None;
+                idle_passes = 0;
                 continue;
             }
-            if idle_since.elapsed() < window {
+            idle_passes = idle_passes.wrapping_add(1);
+            if idle_since.is_some() && idle_passes % IDLE_CLOCK_EVERY != 0 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let now = Instant::now();
+            if now.duration_since(*idle_since.get_or_insert(now)) < window {
                 std::hint::spin_loop();
                 continue;
             }
@@ -145,7 +155,7 @@ impl PollGroup {
                 seen = u64::MAX;
                 self.sleep();
             }
-            idle_since = Instant::now();
+            idle_since = None;
         }
     }
 }
