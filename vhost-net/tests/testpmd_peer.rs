@@ -426,10 +426,31 @@ fn one_shared_poll_thread_serves_both_ports_across_reconnects() {
         c1("rx_packets") + c1("drop_rx_no_buffer") + c1("drop_rx_not_ready"),
         "p0 {s0}\np1 {s1}"
     );
+    // A port whose ring is being polled by the group is removed mid-traffic: the
+    // group lets go of it and keeps serving the rest.
+    let _tx = Testpmd::start(
+        d,
+        "tx-removed",
+        &p0,
+        MAC0,
+        "txonly",
+        1,
+        &[&format!("--eth-peer=0,{MAC1}")],
+    );
+    let before = be.counter("p1", "rx_packets");
+    be.wait_for(60, "frames on p1 again", |b| {
+        b.counter("p1", "rx_packets") > before + 10_000
+    });
+    let r = be.request(r#"{"cmd":"remove-port","name":"p0"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    let ports = be.request(r#"{"cmd":"stats"}"#)["ports"].clone();
+    assert_eq!(ports.as_array().unwrap().len(), 1, "{ports}");
+    assert!(be.port("p1")["connected"] == true);
     let rx_log = rx.stop();
+    let s1 = be.port("p1");
     assert_eq!(
         last_count(&rx_log, "RX-packets:").unwrap(),
-        c1("rx_packets"),
+        s1["rx_packets"].as_u64().unwrap(),
         "{rx_log}"
     );
 }
