@@ -11,14 +11,35 @@ use common::{last_count, testpmd_available, testpmd_lock, Backend, Testpmd};
 const MAC0: &str = "52:54:00:00:00:01";
 const MAC1: &str = "52:54:00:00:00:02";
 
-fn two_ports(dir: &std::path::Path) -> Backend {
+/// The switch with ports p0 (MAC0) and p1 (MAC1) in `dir`, and `extra` options.
+fn two_ports(dir: &std::path::Path, extra: &[&str]) -> Backend {
     Backend::start(
         dir,
         &[
             format!("name=p0,socket={}/p0.sock,mac={MAC0}", dir.display()),
             format!("name=p1,socket={}/p1.sock,mac={MAC1}", dir.display()),
         ],
-        &[],
+        extra,
+    )
+}
+
+/// A testpmd virtio-user frontend on `sock` sending frames from `mac` to MAC1
+/// (`txonly`) on CPU `cpu`.
+fn sender_to_p1(
+    dir: &std::path::Path,
+    tag: &str,
+    sock: &std::path::Path,
+    mac: &str,
+    cpu: usize,
+) -> Testpmd {
+    Testpmd::start(
+        dir,
+        tag,
+        sock,
+        mac,
+        "txonly",
+        cpu,
+        &[&format!("--eth-peer=0,{MAC1}")],
     )
 }
 
@@ -29,7 +50,7 @@ fn frames_cross_the_switch_and_counters_match_across_reconnects() {
     }
     let _guard = testpmd_lock();
     let dir = tempfile::tempdir().unwrap();
-    let mut be = two_ports(dir.path());
+    let mut be = two_ports(dir.path(), &[]);
     let (p0, p1) = (dir.path().join("p0.sock"), dir.path().join("p1.sock"));
 
     for round in 0..2 {
@@ -46,15 +67,7 @@ fn frames_cross_the_switch_and_counters_match_across_reconnects() {
         let b1 = be.port("p1");
         let before_rx = b1["rx_packets"].as_u64().unwrap();
         let before_tx = be.counter("p0", "tx_packets");
-        let mut tx = Testpmd::start(
-            dir.path(),
-            &format!("tx{round}"),
-            &p0,
-            MAC0,
-            "txonly",
-            0,
-            &[&format!("--eth-peer=0,{MAC1}")],
-        );
+        let mut tx = sender_to_p1(dir.path(), &format!("tx{round}"), &p0, MAC0, 0);
         be.wait_for(60, "frames on p1", |b| {
             b.counter("p1", "rx_packets") > before_rx + 20_000
         });
@@ -112,18 +125,10 @@ fn spoofed_source_macs_are_dropped_and_counted() {
     }
     let _guard = testpmd_lock();
     let dir = tempfile::tempdir().unwrap();
-    let be = two_ports(dir.path());
+    let be = two_ports(dir.path(), &[]);
     let p0 = dir.path().join("p0.sock");
     // testpmd on p0 uses another MAC than the port's configured one.
-    let mut tx = Testpmd::start(
-        dir.path(),
-        "spoof",
-        &p0,
-        "52:54:00:00:00:99",
-        "txonly",
-        0,
-        &[&format!("--eth-peer=0,{MAC1}")],
-    );
+    let mut tx = sender_to_p1(dir.path(), "spoof", &p0, "52:54:00:00:00:99", 0);
     be.wait_for(60, "spoofed drops", |b| {
         b.counter("p0", "drop_spoofed") > 10_000
     });
@@ -375,28 +380,13 @@ fn one_shared_poll_thread_serves_both_ports_across_reconnects() {
     let _guard = testpmd_lock();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let be = Backend::start(
-        d,
-        &[
-            format!("name=p0,socket={}/p0.sock,mac={MAC0}", d.display()),
-            format!("name=p1,socket={}/p1.sock,mac={MAC1}", d.display()),
-        ],
-        &["--poll-us", "200", "--poll-cpus", "0"],
-    );
+    let be = two_ports(d, &["--poll-us", "200", "--poll-cpus", "0"]);
     let (p0, p1) = (d.join("p0.sock"), d.join("p1.sock"));
     let mut rx = Testpmd::start(d, "rx", &p1, MAC1, "rxonly", 1, &[]);
     be.wait_for(60, "p1 connected", |b| b.port("p1")["connected"] == true);
     for round in 0..2 {
         let before = be.counter("p1", "rx_packets");
-        let mut tx = Testpmd::start(
-            d,
-            &format!("tx{round}"),
-            &p0,
-            MAC0,
-            "txonly",
-            1,
-            &[&format!("--eth-peer=0,{MAC1}")],
-        );
+        let mut tx = sender_to_p1(d, &format!("tx{round}"), &p0, MAC0, 1);
         be.wait_for(60, "frames on p1", |b| {
             b.counter("p1", "rx_packets") > before + 20_000
         });
@@ -428,15 +418,7 @@ fn one_shared_poll_thread_serves_both_ports_across_reconnects() {
     );
     // A port whose ring is being polled by the group is removed mid-traffic: the
     // group lets go of it and keeps serving the rest.
-    let _tx = Testpmd::start(
-        d,
-        "tx-removed",
-        &p0,
-        MAC0,
-        "txonly",
-        1,
-        &[&format!("--eth-peer=0,{MAC1}")],
-    );
+    let _tx = sender_to_p1(d, "tx-removed", &p0, MAC0, 1);
     let before = be.counter("p1", "rx_packets");
     be.wait_for(60, "frames on p1 again", |b| {
         b.counter("p1", "rx_packets") > before + 10_000
