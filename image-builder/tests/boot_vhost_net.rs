@@ -200,6 +200,28 @@ impl Drop for Switch {
     }
 }
 
+/// keel-vhost-net in `ns` with the guest's port vm0 (MAC [`GUEST_MAC`], `pairs` queue
+/// pairs) on `sock` and a TAP uplink up0 on tap0, which gets 10.0.3.1/24.
+fn guest_port_and_uplink(ns: &Netns, dir: &Path, sock: &Path, pairs: u16) -> Switch {
+    let switch = Switch::start(
+        ns,
+        dir,
+        &[
+            "--port".into(),
+            format!(
+                "name=vm0,socket={},mac={GUEST_MAC},queues={pairs}",
+                sock.display()
+            ),
+            "--tap".into(),
+            "name=up0,dev=tap0".into(),
+        ],
+    );
+    ns.ip(&["addr", "add", "10.0.3.1/24", "dev", "tap0"]);
+    ns.ip(&["link", "set", "tap0", "up"]);
+    ns.ip(&["link", "set", "lo", "up"]);
+    switch
+}
+
 #[test]
 fn app_pings_the_namespace_through_keel_vhost_net_and_checks_the_disk() {
     // Dropped in reverse order: the switch dies before its namespace is deleted,
@@ -209,19 +231,7 @@ fn app_pings_the_namespace_through_keel_vhost_net_and_checks_the_disk() {
         return;
     };
     let sock = tmp.path().join("vm0.sock");
-    let switch = Switch::start(
-        &ns,
-        tmp.path(),
-        &[
-            "--port".into(),
-            format!("name=vm0,socket={},mac={GUEST_MAC}", sock.display()),
-            "--tap".into(),
-            "name=up0,dev=tap0".into(),
-        ],
-    );
-    ns.ip(&["addr", "add", "10.0.3.1/24", "dev", "tap0"]);
-    ns.ip(&["link", "set", "tap0", "up"]);
-    ns.ip(&["link", "set", "lo", "up"]);
+    let switch = guest_port_and_uplink(&ns, tmp.path(), &sock, 1);
 
     let image = build_image("boot/ext4.toml", tmp.path());
     let disk = writable_disk(&image, tmp.path());
@@ -297,21 +307,7 @@ fn two_queue_pairs_carry_traffic_from_a_two_cpu_guest() {
         return;
     };
     let sock = tmp.path().join("vm0.sock");
-    let switch = Switch::start(
-        &ns,
-        tmp.path(),
-        &[
-            "--port".into(),
-            format!(
-                "name=vm0,socket={},mac={GUEST_MAC},queues=2",
-                sock.display()
-            ),
-            "--tap".into(),
-            "name=up0,dev=tap0".into(),
-        ],
-    );
-    ns.ip(&["addr", "add", "10.0.3.1/24", "dev", "tap0"]);
-    ns.ip(&["link", "set", "tap0", "up"]);
+    let switch = guest_port_and_uplink(&ns, tmp.path(), &sock, 2);
 
     let image = build_image("boot/mq.toml", tmp.path());
     let disk = writable_disk(&image, tmp.path());
