@@ -12,6 +12,7 @@ pub mod poller;
 pub mod rate;
 pub mod relay;
 pub mod ring;
+pub mod rx;
 pub mod segment;
 pub mod server;
 pub mod switch;

@@ -184,12 +184,12 @@ impl TxBatch {
         self.pieces(f, out)
     }
 
-    fn pieces(&self, f: &Frame, out: &mut Vec<(*const u8, usize)>) {
+    pub(crate) fn pieces(&self, f: &Frame, out: &mut Vec<(*const u8, usize)>) {
         self.for_each_piece(f, |p, n| out.push((p, n)));
     }
 
     /// Calls `visit` with a pointer and length for each piece of `f`, in order.
-    fn for_each_piece(&self, f: &Frame, mut visit: impl FnMut(*const u8, usize)) {
+    pub(crate) fn for_each_piece(&self, f: &Frame, mut visit: impl FnMut(*const u8, usize)) {
         let segs = self
             .segs
             .get(f.seg_start as usize..f.seg_end as usize)
@@ -255,6 +255,20 @@ pub fn prefetch(p: *const u8) {
     // address; SSE is part of the x86_64 baseline.
     unsafe {
         core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// Hints the CPU to fetch the cache line at `p` for writing (any address; never
+/// faults).
+#[inline(always)]
+pub fn prefetch_write(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHW is a hint: it never faults and changes no memory or flags;
+    // CPUs without it decode the opcode as a NOP.
+    unsafe {
+        std::arch::asm!("prefetchw [{0}]", in(reg) p, options(nostack, preserves_flags, readonly))
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
@@ -361,7 +375,11 @@ pub fn pop_tx(
         let frame = match result {
             Ok(()) => {
                 if let Some(s) = segs.get(seg0) {
+                    // The virtio-net header and the Ethernet header read below: two
+                    // lines when the header ends a line (as virtio-user lays out).
                     prefetch(s.addr as *const u8);
+                    let end = (hdr_len + MIN_FRAME_LEN - 1).min(s.len as usize - 1);
+                    prefetch((s.addr + end) as *const u8);
                 }
                 Ok(Frame {
                     seg_start: seg0 as u32,
@@ -429,285 +447,4 @@ pub fn release_tx(q: &mut Queue, batch: &mut TxBatch) -> bool {
     ring.wants_interrupt(q.event_idx_enabled(), idx, idx.wrapping_sub(start))
 }
 
-/// Reusable space for writing RX chains.
-#[derive(Debug, Default)]
-pub struct RxScratch {
-    /// Writable pieces of the first chain of the current frame.
-    first: Vec<(usize, usize)>,
-    /// Used entries of the current frame.
-    used: Vec<(u16, u32)>,
-    /// The pieces of the frame being written.
-    pub(crate) src: Vec<(*const u8, usize)>,
-    /// A frame copy for the slow paths (checksum completion).
-    pub copy: Vec<u8>,
-}
-
-// SAFETY: `src` only holds pointers while one frame is written, within one call.
-unsafe impl Send for RxScratch {}
-
-/// The bytes written into an RX chain: the header, then the frame's pieces.
-struct Stream<'a> {
-    hdr: &'a [u8],
-    pieces: &'a [(*const u8, usize)],
-    /// Position in the stream.
-    pos: usize,
-    piece: usize,
-    piece_off: usize,
-}
-
-impl Stream<'_> {
-    fn total(&self) -> usize {
-        self.hdr.len() + self.pieces.iter().map(|p| p.1).sum::<usize>()
-    }
-
-    /// Copies the next `n` bytes of the stream to `dst`.
-    ///
-    /// # Safety
-    /// `dst` must be valid for `n` bytes of writes and the stream must have `n` more
-    /// bytes.
-    unsafe fn copy_to(&mut self, mut dst: *mut u8, mut n: usize) {
-        while n > 0 && self.pos < self.hdr.len() {
-            let k = (self.hdr.len() - self.pos).min(n);
-            // SAFETY: `k` bytes remain in `hdr` from `pos`; `dst` has room (caller).
-            unsafe {
-                std::ptr::copy_nonoverlapping(self.hdr.as_ptr().add(self.pos), dst, k);
-                dst = dst.add(k);
-            }
-            self.pos += k;
-            n -= k;
-        }
-        while n > 0 {
-            let Some(&(p, len)) = self.pieces.get(self.piece) else {
-                return;
-            };
-            let k = (len - self.piece_off).min(n);
-            // SAFETY: the piece has `len` readable bytes (mapped guest memory checked
-            // when the chain was taken, or a live buffer), `piece_off + k <= len`; the
-            // destination is a checked RX buffer piece with room for `n >= k` bytes.
-            // `copy` (memmove), not `copy_nonoverlapping`: a guest with two ports on
-            // this switch may make a TX buffer overlap an RX buffer.
-            unsafe {
-                std::ptr::copy(p.add(self.piece_off), dst, k);
-                dst = dst.add(k);
-            }
-            self.piece_off += k;
-            self.pos += k;
-            n -= k;
-            if self.piece_off == len {
-                self.piece += 1;
-                self.piece_off = 0;
-            }
-        }
-    }
-}
-
-/// An RX queue being filled: ring pointers resolved once, used entries published
-/// once at [`RxWriter::finish`].
-pub struct RxWriter<'q, 'm> {
-    q: &'q mut Queue,
-    hm: HostMem<'m>,
-    ring: Ring,
-    next_avail: u16,
-    avail_idx: u16,
-    start_used: u16,
-    next_used: u16,
-}
-
-impl<'q, 'm> RxWriter<'q, 'm> {
-    /// Maps the queue; `None` if its rings are outside memory or misaligned.
-    pub fn new(q: &'q mut Queue, mem: &'m GuestMemoryMmap) -> Option<RxWriter<'q, 'm>> {
-        let hm = HostMem::new(mem);
-        let ring = Ring::new(q, &hm)?;
-        let next_avail = q.next_avail();
-        let next_used = q.next_used();
-        Some(RxWriter {
-            q,
-            hm,
-            avail_idx: next_avail,
-            ring,
-            next_avail,
-            start_used: next_used,
-            next_used,
-        })
-    }
-
-    fn put_used(&mut self, head: u16, len: u32) {
-        self.ring.put_used(self.next_used, head, len);
-        self.next_used = self.next_used.wrapping_add(1);
-    }
-
-    /// Writes one frame from `batch` with header `hdr` (its `num_buffers` is set
-    /// here): one chain, or with `mrg` as many as needed. On `NoBuffer`/`TooBig` the
-    /// queue is left as it was.
-    pub fn write(
-        &mut self,
-        hdr: &[u8],
-        batch: &TxBatch,
-        f: &Frame,
-        mrg: bool,
-        scratch: &mut RxScratch,
-    ) -> Result<(), RxDrop> {
-        let mut src = std::mem::take(&mut scratch.src);
-        src.clear();
-        batch.pieces(f, &mut src);
-        let r = self.write_pieces(hdr, &src, mrg, scratch);
-        src.clear();
-        scratch.src = src;
-        r
-    }
-
-    /// Writes `hdr` then the bytes of `pieces` (pointers valid for the call).
-    pub fn write_pieces(
-        &mut self,
-        hdr: &[u8],
-        pieces: &[(*const u8, usize)],
-        mrg: bool,
-        scratch: &mut RxScratch,
-    ) -> Result<(), RxDrop> {
-        let mut stream = Stream {
-            hdr,
-            pieces,
-            pos: 0,
-            piece: 0,
-            piece_off: 0,
-        };
-        let total = stream.total();
-        let start_avail = self.next_avail;
-        scratch.used.clear();
-        scratch.first.clear();
-        let mut written = 0usize;
-        while written < total {
-            if self.next_avail == self.avail_idx {
-                self.avail_idx = self.ring.avail_idx();
-                if self.next_avail == self.avail_idx {
-                    self.next_avail = start_avail;
-                    return Err(RxDrop::NoBuffer);
-                }
-                if self.avail_idx.wrapping_sub(self.next_avail) > self.ring.size() {
-                    // A driver that claims more buffers than the ring holds.
-                    self.avail_idx = self.next_avail;
-                    self.next_avail = start_avail;
-                    return Err(RxDrop::NoBuffer);
-                }
-            }
-            if !scratch.used.is_empty() && !mrg {
-                self.next_avail = start_avail;
-                return Err(RxDrop::TooBig);
-            }
-            let head = self.ring.avail_entry(self.next_avail);
-            self.next_avail = self.next_avail.wrapping_add(1);
-            let first = scratch.used.is_empty();
-            let mut chain_len = 0usize;
-            let mut bad = false;
-            let hm = &self.hm;
-            let walked = self.ring.walk(hm, head, |addr, len, writable| {
-                if !writable {
-                    bad = true;
-                    return false;
-                }
-                let ok = hm.pieces(addr, u64::from(len), |p, n| {
-                    if first {
-                        scratch.first.push((p as usize, n));
-                    }
-                    let k = n.min(total - written);
-                    if k > 0 {
-                        // SAFETY: `p` is a bounds-checked piece of mapped guest memory
-                        // with `n >= k` writable bytes the driver gave to the device;
-                        // the stream has `total - written >= k` bytes left.
-                        unsafe { stream.copy_to(p, k) };
-                        written += k;
-                        chain_len += k;
-                    }
-                });
-                if !ok {
-                    bad = true;
-                }
-                ok
-            });
-            if bad || walked.is_err() || chain_len == 0 {
-                // Give this chain and the ones already filled for this frame back empty
-                // (a chain of zero-length buffers counts as malformed too).
-                self.put_used(head, 0);
-                for i in 0..scratch.used.len() {
-                    let h = scratch.used[i].0;
-                    self.put_used(h, 0);
-                }
-                return Err(RxDrop::BadDescriptor);
-            }
-            scratch.used.push((head, chain_len as u32));
-        }
-        let n = scratch.used.len();
-        if n > 1 && hdr.len() == HDR_LEN {
-            let count = (n.min(usize::from(u16::MAX)) as u16).to_le_bytes();
-            let mut off = NUM_BUFFERS_OFFSET;
-            let mut src = &count[..];
-            for &(p, len) in &scratch.first {
-                if src.is_empty() {
-                    break;
-                }
-                if off >= len {
-                    off -= len;
-                    continue;
-                }
-                let k = (len - off).min(src.len());
-                // SAFETY: `p` is a checked writable RX piece of `len` bytes and
-                // `off + k <= len`.
-                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), (p as *mut u8).add(off), k) };
-                src = &src[k..];
-                off = 0;
-            }
-        }
-        for i in 0..n {
-            let (h, len) = scratch.used[i];
-            self.put_used(h, len);
-        }
-        Ok(())
-    }
-
-    /// Publishes the used entries and updates the queue. Returns whether the driver
-    /// wants an interrupt.
-    pub fn finish(self) -> bool {
-        let added = self.next_used.wrapping_sub(self.start_used);
-        self.q.set_next_avail(self.next_avail);
-        if added == 0 {
-            return false;
-        }
-        self.ring.publish_used(self.next_used);
-        self.q.set_next_used(self.next_used);
-        self.ring
-            .wants_interrupt(self.q.event_idx_enabled(), self.next_used, added)
-    }
-}
-
-/// The header written in front of a frame for a receiver without offloads.
-pub fn plain_header(hdr_len: usize) -> [u8; HDR_LEN] {
-    let mut hdr = [0u8; HDR_LEN];
-    if hdr_len == HDR_LEN {
-        hdr[NUM_BUFFERS_OFFSET] = 1;
-    }
-    hdr
-}
-
-/// Writes one frame (with a zeroed virtio-net header) into the RX queue and publishes
-/// it: the single-frame form of [`RxWriter`] (tests and slow paths).
-pub fn write_rx(
-    q: &mut Queue,
-    mem: &GuestMemoryMmap,
-    hdr_len: usize,
-    mrg: bool,
-    frame: &[u8],
-    scratch: &mut RxScratch,
-) -> Result<(), RxDrop> {
-    let Some(mut w) = RxWriter::new(q, mem) else {
-        return Err(RxDrop::BadDescriptor);
-    };
-    let hdr = plain_header(hdr_len);
-    let r = w.write_pieces(
-        &hdr[..hdr_len.min(HDR_LEN)],
-        &[(frame.as_ptr(), frame.len())],
-        mrg,
-        scratch,
-    );
-    w.finish();
-    r
-}
+pub use crate::rx::{plain_header, write_rx, RxJob, RxScratch, RxTally, RxWriter};

@@ -12,7 +12,7 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::config::{Mac, PortConfig};
-use crate::net::{self, Frame, RxDrop, RxScratch, RxWriter, TxBatch, TxDrop};
+use crate::net::{self, Frame, RxDrop, RxJob, RxScratch, RxTally, RxWriter, TxBatch, TxDrop};
 use crate::offload::{self, RxPlan};
 use crate::segment::Gso;
 use crate::tap::Tap;
@@ -494,86 +494,122 @@ impl Port {
             self.pair(pair).rx(0, 0, frames.len() as u64);
             return;
         };
-        let (mut ok, mut bytes, mut no_buf, mut too_big, mut bad, mut offl, mut segmented) =
-            (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+        let mut t = RxTally::default();
+        let (mut offl, mut segmented) = (0u64, 0u64);
+        // Frames whose header passes through go in batches (rx.jobs); a frame that
+        // needs a slow path (checksum completion, segmentation) first flushes the
+        // frames queued before it, so the receiver sees them in order. Returns
+        // whether the queue ran out of buffers.
+        let flush = |w: &mut RxWriter<'_, '_>, rx: &mut RxScratch, t: &mut RxTally| -> bool {
+            if rx.jobs.is_empty() {
+                return false;
+            }
+            let b = w.write_batch(batch, hdr_len, mrg, rx);
+            rx.jobs.clear();
+            t.add(&b);
+            b.no_buffer > 0
+        };
         let plain = net::plain_header(hdr_len);
-        let plain = &plain[..hdr_len];
+        rx.jobs.clear();
+        let mut stopped = false;
         for (k, &(i, _)) in frames.iter().enumerate() {
             let Some(f) = frame(i) else { continue };
-            let r = if src_features & offload::OFFLOAD_FEATURES == 0 {
-                w.write(plain, batch, f, mrg, rx)
-            } else {
-                match self.offload_write(&mut w, batch, f, src_features, features, hdr_len, mrg, rx)
-                {
-                    Some(Written::Frame(r)) => r,
-                    Some(Written::Segments(sent)) => {
-                        ok += sent.packets;
-                        bytes += sent.bytes;
-                        segmented += u64::from(sent.packets > 0);
-                        match sent.result {
-                            // Counted above, segment by segment.
-                            Ok(()) => continue,
-                            Err(e) => Err(e),
-                        }
+            if src_features & offload::OFFLOAD_FEATURES == 0 {
+                rx.jobs.push(RxJob {
+                    frame: i,
+                    hdr: plain,
+                });
+                continue;
+            }
+            let h = offload::sanitize_tx(&f.vnet, src_features);
+            let plan = offload::plan_rx(&h, features);
+            if let RxPlan::Pass(out) = plan {
+                rx.jobs.push(RxJob { frame: i, hdr: out });
+                continue;
+            }
+            if flush(&mut w, rx, &mut t) {
+                // Out of buffers: the frames after the batch are dropped too.
+                t.no_buffer += (frames.len() - k) as u64;
+                stopped = true;
+                break;
+            }
+            let r = match self.slow_write(&mut w, batch, f, &h, plan, hdr_len, mrg, rx) {
+                Some(Written::Frame(r)) => r,
+                Some(Written::Segments(sent)) => {
+                    t.frames += sent.packets;
+                    t.bytes += sent.bytes;
+                    segmented += u64::from(sent.packets > 0);
+                    match sent.result {
+                        // Counted above, segment by segment.
+                        Ok(()) => continue,
+                        Err(e) => Err(e),
                     }
-                    None => {
-                        offl += 1;
-                        continue;
-                    }
+                }
+                None => {
+                    offl += 1;
+                    continue;
                 }
             };
             match r {
                 Ok(()) => {
-                    ok += 1;
-                    bytes += u64::from(f.len);
+                    t.frames += 1;
+                    t.bytes += u64::from(f.len);
                 }
                 Err(RxDrop::NoBuffer) => {
-                    no_buf += (frames.len() - k) as u64;
+                    t.no_buffer += (frames.len() - k) as u64;
+                    stopped = true;
                     break;
                 }
-                Err(RxDrop::TooBig) => too_big += 1,
-                Err(RxDrop::BadDescriptor) => bad += 1,
+                Err(RxDrop::TooBig) => t.too_big += 1,
+                Err(RxDrop::BadDescriptor) => t.bad_descriptor += 1,
             }
         }
+        if !stopped {
+            flush(&mut w, rx, &mut t);
+        }
+        rx.jobs.clear();
         if w.finish() {
             if let Err(e) = state.signal_used_queue() {
                 log::debug!("{}: cannot signal RX: {e}", self.name());
             }
         }
         drop(state);
-        Counters::add(&c.rx_packets, ok);
-        Counters::add(&c.rx_bytes, bytes);
-        Counters::add(&c.drop_rx_no_buffer, no_buf);
-        Counters::add(&c.drop_rx_too_big, too_big);
-        Counters::add(&c.drop_rx_bad_descriptor, bad);
+        Counters::add(&c.rx_packets, t.frames);
+        Counters::add(&c.rx_bytes, t.bytes);
+        Counters::add(&c.drop_rx_no_buffer, t.no_buffer);
+        Counters::add(&c.drop_rx_too_big, t.too_big);
+        Counters::add(&c.drop_rx_bad_descriptor, t.bad_descriptor);
         Counters::add(&c.drop_rx_offload, offl);
         Counters::add(&c.sw_segmented, segmented);
-        self.pair(pair).rx(ok, bytes, no_buf + too_big + bad + offl);
+        self.pair(pair).rx(
+            t.frames,
+            t.bytes,
+            t.no_buffer + t.too_big + t.bad_descriptor + offl,
+        );
     }
 
-    /// Writes a frame whose sender negotiated offloads; `None` when this receiver
-    /// cannot take it.
+    /// Writes a frame whose offload `plan` (for sanitized header `h`) is not a plain
+    /// pass-through; `None` when this receiver cannot take it.
     #[allow(clippy::too_many_arguments)]
-    fn offload_write(
+    fn slow_write(
         &self,
         w: &mut RxWriter<'_, '_>,
         batch: &TxBatch,
         f: &Frame,
-        src_features: u64,
-        features: u64,
+        h: &[u8; net::HDR_LEN],
+        plan: RxPlan,
         hdr_len: usize,
         mrg: bool,
         rx: &mut RxScratch,
     ) -> Option<Written> {
-        let h = offload::sanitize_tx(&f.vnet, src_features);
-        match offload::plan_rx(&h, features) {
+        match plan {
             RxPlan::Drop => None,
             RxPlan::Pass(out) => Some(Written::Frame(w.write(&out[..hdr_len], batch, f, mrg, rx))),
             RxPlan::CompleteCsum(out) => {
                 let mut copy = std::mem::take(&mut rx.copy);
                 copy.clear();
                 batch.gather(f, &mut copy);
-                let r = if offload::complete_checksum(&mut copy, &h) {
+                let r = if offload::complete_checksum(&mut copy, h) {
                     Some(Written::Frame(w.write_pieces(
                         &out[..hdr_len],
                         &[(copy.as_ptr(), copy.len())],
@@ -588,7 +624,7 @@ impl Port {
             }
             RxPlan::Segment(out) => {
                 let mut copy = std::mem::take(&mut rx.copy);
-                let sent = send_segments(&mut copy, batch, f, &h, |s| {
+                let sent = send_segments(&mut copy, batch, f, h, |s| {
                     w.write_pieces(&out[..hdr_len], &[(s.as_ptr(), s.len())], mrg, rx)
                 });
                 rx.copy = copy;

@@ -1,0 +1,576 @@
+//! Writing frames into a receiver's RX queue: resolving its chains, copying the
+//! virtio-net header and the frame into them, and publishing the used entries once
+//! per batch.
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use crate::net::{Frame, RxDrop, TxBatch, HDR_LEN, NUM_BUFFERS_OFFSET};
+use crate::ring::{HostMem, Ring};
+
+/// Reusable space for writing RX chains.
+#[derive(Debug, Default)]
+pub struct RxScratch {
+    /// Writable pieces of the first chain of the current frame.
+    first: Vec<(usize, usize)>,
+    /// Used entries of the current frame.
+    used: Vec<(u16, u32)>,
+    /// The pieces of the frame being written.
+    pub(crate) src: Vec<(*const u8, usize)>,
+    /// A frame copy for the slow paths (checksum completion).
+    pub copy: Vec<u8>,
+    /// Frames queued for [`RxWriter::write_batch`].
+    pub jobs: Vec<RxJob>,
+    /// Destination pieces of the frames reserved by the batch being written.
+    dst: Vec<(usize, usize)>,
+    /// Used entries of the batch being written, in ring order.
+    batch_used: Vec<(u16, u32)>,
+    /// The frames of the batch that got buffers.
+    reserved: Vec<Reserved>,
+}
+
+/// A frame to write with [`RxWriter::write_batch`]: which one, and its header.
+#[derive(Debug, Clone, Copy)]
+pub struct RxJob {
+    /// Index into the batch's frames.
+    pub frame: usize,
+    /// The virtio-net header to write in front of it (`num_buffers` set on writing).
+    pub hdr: [u8; HDR_LEN],
+}
+
+/// A frame of a batch with its buffers reserved, waiting to be copied.
+#[derive(Debug, Clone, Copy)]
+struct Reserved {
+    /// Index into the jobs.
+    job: usize,
+    /// Range of its destination pieces in `RxScratch::dst`.
+    dst_start: usize,
+    dst_end: usize,
+    /// Chains used (the header's `num_buffers`).
+    chains: usize,
+}
+
+/// What [`RxWriter::write_batch`] did with its frames.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RxTally {
+    /// Frames written.
+    pub frames: u64,
+    /// Their bytes (without headers).
+    pub bytes: u64,
+    /// Frames dropped because the queue ran out of buffers (this one and every later
+    /// one of the batch).
+    pub no_buffer: u64,
+    /// Frames dropped because they did not fit a chain (no MRG_RXBUF).
+    pub too_big: u64,
+    /// Frames dropped on a malformed chain.
+    pub bad_descriptor: u64,
+}
+
+impl RxTally {
+    /// Adds the counts of `other`.
+    pub fn add(&mut self, other: &RxTally) {
+        self.frames += other.frames;
+        self.bytes += other.bytes;
+        self.no_buffer += other.no_buffer;
+        self.too_big += other.too_big;
+        self.bad_descriptor += other.bad_descriptor;
+    }
+}
+
+// SAFETY: `src` only holds pointers while one frame is written, within one call.
+unsafe impl Send for RxScratch {}
+
+/// The bytes written into an RX chain: the header, then the frame's pieces.
+struct Stream<'a> {
+    hdr: &'a [u8],
+    pieces: &'a [(*const u8, usize)],
+    /// Position in the stream.
+    pos: usize,
+    piece: usize,
+    piece_off: usize,
+}
+
+impl Stream<'_> {
+    fn total(&self) -> usize {
+        self.hdr.len() + self.pieces.iter().map(|p| p.1).sum::<usize>()
+    }
+
+    /// Copies the next `n` bytes of the stream to `dst`.
+    ///
+    /// # Safety
+    /// `dst` must be valid for `n` bytes of writes and the stream must have `n` more
+    /// bytes.
+    unsafe fn copy_to(&mut self, mut dst: *mut u8, mut n: usize) {
+        while n > 0 && self.pos < self.hdr.len() {
+            let k = (self.hdr.len() - self.pos).min(n);
+            // SAFETY: `k` bytes remain in `hdr` from `pos`; `dst` has room (caller).
+            unsafe {
+                std::ptr::copy_nonoverlapping(self.hdr.as_ptr().add(self.pos), dst, k);
+                dst = dst.add(k);
+            }
+            self.pos += k;
+            n -= k;
+        }
+        while n > 0 {
+            let Some(&(p, len)) = self.pieces.get(self.piece) else {
+                return;
+            };
+            let k = (len - self.piece_off).min(n);
+            // SAFETY: the piece has `len` readable bytes (mapped guest memory checked
+            // when the chain was taken, or a live buffer), `piece_off + k <= len`; the
+            // destination is a checked RX buffer piece with room for `n >= k` bytes.
+            // `copy` (memmove), not `copy_nonoverlapping`: a guest with two ports on
+            // this switch may make a TX buffer overlap an RX buffer.
+            unsafe {
+                std::ptr::copy(p.add(self.piece_off), dst, k);
+                dst = dst.add(k);
+            }
+            self.piece_off += k;
+            self.pos += k;
+            n -= k;
+            if self.piece_off == len {
+                self.piece += 1;
+                self.piece_off = 0;
+            }
+        }
+    }
+}
+
+/// An RX queue being filled: ring pointers resolved once, used entries published
+/// once at [`RxWriter::finish`].
+pub struct RxWriter<'q, 'm> {
+    q: &'q mut Queue,
+    hm: HostMem<'m>,
+    ring: Ring,
+    next_avail: u16,
+    avail_idx: u16,
+    start_used: u16,
+    next_used: u16,
+}
+
+impl<'q, 'm> RxWriter<'q, 'm> {
+    /// Maps the queue; `None` if its rings are outside memory or misaligned.
+    pub fn new(q: &'q mut Queue, mem: &'m GuestMemoryMmap) -> Option<RxWriter<'q, 'm>> {
+        let hm = HostMem::new(mem);
+        let ring = Ring::new(q, &hm)?;
+        let next_avail = q.next_avail();
+        let next_used = q.next_used();
+        Some(RxWriter {
+            q,
+            hm,
+            avail_idx: next_avail,
+            ring,
+            next_avail,
+            start_used: next_used,
+            next_used,
+        })
+    }
+
+    /// Writes the frames of `scratch.jobs` (from `batch`) in three passes over the
+    /// whole batch, so that the cache misses on the driver's rings and buffers
+    /// (written by another CPU) overlap instead of following one another: take and
+    /// check the chains of every frame (prefetching the start of each buffer for
+    /// writing), then copy every frame, then write the used entries. Drops are as in
+    /// [`RxWriter::write`]; a queue out of buffers drops the rest of the batch.
+    pub fn write_batch(
+        &mut self,
+        batch: &TxBatch,
+        hdr_len: usize,
+        mrg: bool,
+        scratch: &mut RxScratch,
+    ) -> RxTally {
+        let mut tally = RxTally::default();
+        let RxScratch {
+            jobs,
+            dst,
+            batch_used,
+            reserved,
+            ..
+        } = scratch;
+        dst.clear();
+        batch_used.clear();
+        reserved.clear();
+        let hdr_len = hdr_len.min(HDR_LEN);
+        for (j, job) in jobs.iter().enumerate() {
+            let Some(f) = batch
+                .frames
+                .get(job.frame)
+                .and_then(|f| f.frame.as_ref().ok())
+            else {
+                continue;
+            };
+            let dst_start = dst.len();
+            match self.reserve(hdr_len + f.len as usize, mrg, dst, batch_used) {
+                Ok(chains) => {
+                    reserved.push(Reserved {
+                        job: j,
+                        dst_start,
+                        dst_end: dst.len(),
+                        chains,
+                    });
+                    tally.frames += 1;
+                    tally.bytes += u64::from(f.len);
+                }
+                Err(RxDrop::NoBuffer) => {
+                    tally.no_buffer += (jobs.len() - j) as u64;
+                    break;
+                }
+                Err(RxDrop::TooBig) => tally.too_big += 1,
+                Err(RxDrop::BadDescriptor) => tally.bad_descriptor += 1,
+            }
+        }
+        for r in reserved.iter() {
+            let (Some(job), Some(pieces)) = (jobs.get(r.job), dst.get(r.dst_start..r.dst_end))
+            else {
+                continue;
+            };
+            let Some(f) = batch
+                .frames
+                .get(job.frame)
+                .and_then(|f| f.frame.as_ref().ok())
+            else {
+                continue;
+            };
+            let mut hdr = job.hdr;
+            if hdr_len == HDR_LEN {
+                let n = r.chains.min(usize::from(u16::MAX)) as u16;
+                hdr[NUM_BUFFERS_OFFSET..].copy_from_slice(&n.to_le_bytes());
+            }
+            let mut out = DstCursor {
+                pieces,
+                piece: 0,
+                off: 0,
+            };
+            out.put(&hdr[..hdr_len]);
+            batch.for_each_piece(f, |p, n| {
+                // SAFETY: `p` points to `n` readable bytes of the batch (guest memory
+                // kept mapped by the batch, bounds-checked when the chain was taken,
+                // or its arena).
+                unsafe { out.put_raw(p, n) }
+            });
+        }
+        for i in 0..batch_used.len() {
+            let (h, len) = batch_used[i];
+            self.put_used(h, len);
+        }
+        tally
+    }
+
+    /// Takes chains for `total` bytes (one chain, or with `mrg` as many as needed),
+    /// appending their writable pieces (trimmed to what will be written) to `dst` and
+    /// their used entries to `used`, and prefetches the first lines for writing.
+    /// Returns the number of chains. On `NoBuffer`/`TooBig` nothing is taken; on
+    /// `BadDescriptor` the chains taken are queued back with length 0.
+    fn reserve(
+        &mut self,
+        total: usize,
+        mrg: bool,
+        dst: &mut Vec<(usize, usize)>,
+        used: &mut Vec<(u16, u32)>,
+    ) -> Result<usize, RxDrop> {
+        let start_avail = self.next_avail;
+        let (dst0, used0) = (dst.len(), used.len());
+        let mut covered = 0usize;
+        while covered < total {
+            if self.next_avail == self.avail_idx {
+                self.avail_idx = self.ring.avail_idx();
+                if self.next_avail == self.avail_idx
+                    || self.avail_idx.wrapping_sub(self.next_avail) > self.ring.size()
+                {
+                    // None posted, or a driver claiming more than the ring holds.
+                    self.avail_idx = self.next_avail;
+                    self.next_avail = start_avail;
+                    dst.truncate(dst0);
+                    used.truncate(used0);
+                    return Err(RxDrop::NoBuffer);
+                }
+            }
+            if used.len() > used0 && !mrg {
+                self.next_avail = start_avail;
+                dst.truncate(dst0);
+                used.truncate(used0);
+                return Err(RxDrop::TooBig);
+            }
+            let head = self.ring.avail_entry(self.next_avail);
+            self.next_avail = self.next_avail.wrapping_add(1);
+            let mut chain_len = 0usize;
+            let mut bad = false;
+            let hm = &self.hm;
+            let walked = self.ring.walk(hm, head, |addr, len, writable| {
+                if !writable {
+                    bad = true;
+                    return false;
+                }
+                let ok = hm.pieces(addr, u64::from(len), |p, n| {
+                    let k = n.min(total - covered - chain_len);
+                    if k > 0 {
+                        if dst.len() == dst0 {
+                            prefetch_start(p, k);
+                        }
+                        dst.push((p as usize, k));
+                        chain_len += k;
+                    }
+                });
+                if !ok {
+                    bad = true;
+                }
+                ok
+            });
+            if bad || walked.is_err() || chain_len == 0 {
+                // Give this chain and the ones already taken for this frame back empty
+                // (a chain of zero-length buffers counts as malformed too).
+                dst.truncate(dst0);
+                for u in &mut used[used0..] {
+                    u.1 = 0;
+                }
+                used.push((head, 0));
+                return Err(RxDrop::BadDescriptor);
+            }
+            covered += chain_len;
+            used.push((head, chain_len as u32));
+        }
+        Ok(used.len() - used0)
+    }
+
+    fn put_used(&mut self, head: u16, len: u32) {
+        self.ring.put_used(self.next_used, head, len);
+        self.next_used = self.next_used.wrapping_add(1);
+    }
+
+    /// Writes one frame from `batch` with header `hdr` (its `num_buffers` is set
+    /// here): one chain, or with `mrg` as many as needed. On `NoBuffer`/`TooBig` the
+    /// queue is left as it was.
+    pub fn write(
+        &mut self,
+        hdr: &[u8],
+        batch: &TxBatch,
+        f: &Frame,
+        mrg: bool,
+        scratch: &mut RxScratch,
+    ) -> Result<(), RxDrop> {
+        let mut src = std::mem::take(&mut scratch.src);
+        src.clear();
+        batch.pieces(f, &mut src);
+        let r = self.write_pieces(hdr, &src, mrg, scratch);
+        src.clear();
+        scratch.src = src;
+        r
+    }
+
+    /// Writes `hdr` then the bytes of `pieces` (pointers valid for the call).
+    pub fn write_pieces(
+        &mut self,
+        hdr: &[u8],
+        pieces: &[(*const u8, usize)],
+        mrg: bool,
+        scratch: &mut RxScratch,
+    ) -> Result<(), RxDrop> {
+        let mut stream = Stream {
+            hdr,
+            pieces,
+            pos: 0,
+            piece: 0,
+            piece_off: 0,
+        };
+        let total = stream.total();
+        let start_avail = self.next_avail;
+        scratch.used.clear();
+        scratch.first.clear();
+        let mut written = 0usize;
+        while written < total {
+            if self.next_avail == self.avail_idx {
+                self.avail_idx = self.ring.avail_idx();
+                if self.next_avail == self.avail_idx {
+                    self.next_avail = start_avail;
+                    return Err(RxDrop::NoBuffer);
+                }
+                if self.avail_idx.wrapping_sub(self.next_avail) > self.ring.size() {
+                    // A driver that claims more buffers than the ring holds.
+                    self.avail_idx = self.next_avail;
+                    self.next_avail = start_avail;
+                    return Err(RxDrop::NoBuffer);
+                }
+            }
+            if !scratch.used.is_empty() && !mrg {
+                self.next_avail = start_avail;
+                return Err(RxDrop::TooBig);
+            }
+            let head = self.ring.avail_entry(self.next_avail);
+            self.next_avail = self.next_avail.wrapping_add(1);
+            let first = scratch.used.is_empty();
+            let mut chain_len = 0usize;
+            let mut bad = false;
+            let hm = &self.hm;
+            let walked = self.ring.walk(hm, head, |addr, len, writable| {
+                if !writable {
+                    bad = true;
+                    return false;
+                }
+                let ok = hm.pieces(addr, u64::from(len), |p, n| {
+                    if first {
+                        scratch.first.push((p as usize, n));
+                    }
+                    let k = n.min(total - written);
+                    if k > 0 {
+                        // SAFETY: `p` is a bounds-checked piece of mapped guest memory
+                        // with `n >= k` writable bytes the driver gave to the device;
+                        // the stream has `total - written >= k` bytes left.
+                        unsafe { stream.copy_to(p, k) };
+                        written += k;
+                        chain_len += k;
+                    }
+                });
+                if !ok {
+                    bad = true;
+                }
+                ok
+            });
+            if bad || walked.is_err() || chain_len == 0 {
+                // Give this chain and the ones already filled for this frame back empty
+                // (a chain of zero-length buffers counts as malformed too).
+                self.put_used(head, 0);
+                for i in 0..scratch.used.len() {
+                    let h = scratch.used[i].0;
+                    self.put_used(h, 0);
+                }
+                return Err(RxDrop::BadDescriptor);
+            }
+            scratch.used.push((head, chain_len as u32));
+        }
+        let n = scratch.used.len();
+        if n > 1 && hdr.len() == HDR_LEN {
+            let count = (n.min(usize::from(u16::MAX)) as u16).to_le_bytes();
+            let mut off = NUM_BUFFERS_OFFSET;
+            let mut src = &count[..];
+            for &(p, len) in &scratch.first {
+                if src.is_empty() {
+                    break;
+                }
+                if off >= len {
+                    off -= len;
+                    continue;
+                }
+                let k = (len - off).min(src.len());
+                // SAFETY: `p` is a checked writable RX piece of `len` bytes and
+                // `off + k <= len`.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), (p as *mut u8).add(off), k) };
+                src = &src[k..];
+                off = 0;
+            }
+        }
+        for i in 0..n {
+            let (h, len) = scratch.used[i];
+            self.put_used(h, len);
+        }
+        Ok(())
+    }
+
+    /// Publishes the used entries and updates the queue. Returns whether the driver
+    /// wants an interrupt.
+    pub fn finish(self) -> bool {
+        let added = self.next_used.wrapping_sub(self.start_used);
+        self.q.set_next_avail(self.next_avail);
+        if added == 0 {
+            return false;
+        }
+        self.ring.publish_used(self.next_used);
+        self.q.set_next_used(self.next_used);
+        self.ring
+            .wants_interrupt(self.q.event_idx_enabled(), self.next_used, added)
+    }
+}
+
+/// Prefetches for writing the first lines of an RX buffer of `len` bytes at `p`: the
+/// header and the start of the frame, the lines the driver's CPU touched last.
+#[inline]
+fn prefetch_start(p: *mut u8, len: usize) {
+    let mut off = 0;
+    while off < len.min(PREFETCH_BYTES) {
+        // SAFETY: `off < len`: inside the checked buffer (and a prefetch never faults).
+        crate::net::prefetch_write(unsafe { p.add(off) });
+        off += 64;
+    }
+    if len > 1 {
+        // The line of the last byte written within the prefetched span.
+        // SAFETY: as above.
+        crate::net::prefetch_write(unsafe { p.add(len.min(PREFETCH_BYTES) - 1) });
+    }
+}
+
+/// How much of each RX buffer is prefetched for writing before the copies.
+const PREFETCH_BYTES: usize = 128;
+
+/// Where the next bytes of a frame go: a position in its destination pieces.
+struct DstCursor<'a> {
+    pieces: &'a [(usize, usize)],
+    piece: usize,
+    off: usize,
+}
+
+impl DstCursor<'_> {
+    /// Appends `src` (a local buffer: never overlaps guest memory).
+    fn put(&mut self, src: &[u8]) {
+        // SAFETY: `src` is a live slice of `src.len()` readable bytes.
+        unsafe { self.put_raw(src.as_ptr(), src.len()) }
+    }
+
+    /// Appends `n` bytes from `src`; bytes past the reserved pieces are not written.
+    ///
+    /// # Safety
+    /// `src` must be valid for `n` bytes of reads.
+    unsafe fn put_raw(&mut self, mut src: *const u8, mut n: usize) {
+        while n > 0 {
+            let Some(&(p, len)) = self.pieces.get(self.piece) else {
+                return;
+            };
+            let k = (len - self.off).min(n);
+            // SAFETY: the piece is a checked writable RX buffer of `len` bytes and
+            // `off + k <= len`; `src` has `n >= k` readable bytes (caller). `copy`
+            // (memmove): a guest with two ports on this switch may make a TX buffer
+            // overlap an RX buffer.
+            unsafe {
+                std::ptr::copy(src, (p as *mut u8).add(self.off), k);
+                src = src.add(k);
+            }
+            n -= k;
+            self.off += k;
+            if self.off == len {
+                self.piece += 1;
+                self.off = 0;
+            }
+        }
+    }
+}
+
+/// The header written in front of a frame for a receiver without offloads.
+pub fn plain_header(hdr_len: usize) -> [u8; HDR_LEN] {
+    let mut hdr = [0u8; HDR_LEN];
+    if hdr_len == HDR_LEN {
+        hdr[NUM_BUFFERS_OFFSET] = 1;
+    }
+    hdr
+}
+
+/// Writes one frame (with a zeroed virtio-net header) into the RX queue and publishes
+/// it: the single-frame form of [`RxWriter`] (tests and slow paths).
+pub fn write_rx(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    hdr_len: usize,
+    mrg: bool,
+    frame: &[u8],
+    scratch: &mut RxScratch,
+) -> Result<(), RxDrop> {
+    let Some(mut w) = RxWriter::new(q, mem) else {
+        return Err(RxDrop::BadDescriptor);
+    };
+    let hdr = plain_header(hdr_len);
+    let r = w.write_pieces(
+        &hdr[..hdr_len.min(HDR_LEN)],
+        &[(frame.as_ptr(), frame.len())],
+        mrg,
+        scratch,
+    );
+    w.finish();
+    r
+}
