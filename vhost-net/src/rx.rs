@@ -249,8 +249,7 @@ impl<'q, 'm> RxWriter<'q, 'm> {
                 unsafe { out.put_raw(p, n) }
             });
         }
-        for i in 0..batch_used.len() {
-            let (h, len) = batch_used[i];
+        for &(h, len) in batch_used.iter() {
             self.put_used(h, len);
         }
         tally
@@ -510,6 +509,24 @@ struct DstCursor<'a> {
 impl DstCursor<'_> {
     /// Appends `src` (a local buffer: never overlaps guest memory).
     fn put(&mut self, src: &[u8]) {
+        if let (Ok(hdr), Some(&(p, len))) =
+            (<&[u8; HDR_LEN]>::try_from(src), self.pieces.get(self.piece))
+        {
+            if len - self.off > HDR_LEN {
+                // The common case, a whole header in the first piece: a fixed-size
+                // copy (inlined) instead of a call.
+                // SAFETY: the piece is a checked writable RX buffer of `len` bytes
+                // and `off + HDR_LEN < len`; `hdr` is local, so no overlap.
+                unsafe {
+                    std::ptr::write_unaligned(
+                        (p as *mut u8).add(self.off) as *mut [u8; HDR_LEN],
+                        *hdr,
+                    )
+                };
+                self.off += HDR_LEN;
+                return;
+            }
+        }
         // SAFETY: `src` is a live slice of `src.len()` readable bytes.
         unsafe { self.put_raw(src.as_ptr(), src.len()) }
     }
