@@ -85,6 +85,10 @@ enum Command {
         /// Frames each port of the loop frontend starts with (1..=512).
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=512))]
         loop_burst: u16,
+        /// Measurements of each side per point, alternating keel and the reference
+        /// (1..=20); the ratio printed is the median of the rounds' ratios.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=20))]
+        rounds: u8,
     },
 }
 
@@ -126,6 +130,7 @@ fn main() -> ExitCode {
             tests,
             shared_poll,
             loop_burst,
+            rounds,
         } => net::run(&net::NetBench {
             keel,
             testpmd,
@@ -135,6 +140,7 @@ fn main() -> ExitCode {
             tests,
             shared_poll,
             loop_burst: usize::from(loop_burst),
+            rounds: usize::from(rounds),
         })
         .map_err(|e| e.to_string()),
     };

@@ -50,6 +50,10 @@ pub struct NetBench {
     /// measure latency (rate = frames in flight / round trip), large ones
     /// throughput.
     pub loop_burst: usize,
+    /// Rounds per point: keel and the reference measured alternately this many
+    /// times each (the order flips every round, so that a drift of the host favours
+    /// neither), reported as medians.
+    pub rounds: usize,
 }
 
 /// One kind of measurement.
@@ -397,6 +401,17 @@ fn fresh_dir() -> Result<tempfile::TempDir, BenchError> {
     tempfile::tempdir().map_err(io_err("create a temporary directory"))
 }
 
+/// One measurement of `test` at `size` bytes: keel, or the reference.
+fn measure(b: &NetBench, test: NetTest, size: usize, reference: bool) -> Result<f64, BenchError> {
+    let dir = fresh_dir()?;
+    match (test, reference) {
+        (NetTest::Rx, false) => rx_keel(b, dir.path(), size),
+        (NetTest::Rx, true) => rx_reference(b, dir.path(), size),
+        (NetTest::Loop, _) => loop_rate(b, dir.path(), size, reference),
+        (NetTest::Fwd, _) => fwd(b, dir.path(), size, reference),
+    }
+}
+
 /// Runs the benchmark and prints one table row per measurement.
 pub fn run(b: &NetBench) -> Result<(), BenchError> {
     if !b.keel.is_file() {
@@ -425,30 +440,37 @@ pub fn run(b: &NetBench) -> Result<(), BenchError> {
             b.loop_burst
         );
     }
-    println!("| test | frame | keel Mpps | testpmd Mpps | ratio |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "{} round(s) per point, keel and testpmd alternating; Mpps are medians, ratio is the median of the rounds' ratios",
+        b.rounds
+    );
+    println!("| test | frame | keel Mpps | testpmd Mpps | ratio | rounds' ratios |");
+    println!("|---|---|---|---|---|---|");
     for &size in &b.sizes {
         for &test in &b.tests {
-            let (k, r) = match test {
-                NetTest::Rx => (
-                    rx_keel(b, fresh_dir()?.path(), size)?,
-                    rx_reference(b, fresh_dir()?.path(), size)?,
-                ),
-                NetTest::Loop => (
-                    loop_rate(b, fresh_dir()?.path(), size, false)?,
-                    loop_rate(b, fresh_dir()?.path(), size, true)?,
-                ),
-                NetTest::Fwd => (
-                    fwd(b, fresh_dir()?.path(), size, false)?,
-                    fwd(b, fresh_dir()?.path(), size, true)?,
-                ),
-            };
+            let (mut keel, mut reference, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+            for round in 0..b.rounds.max(1) {
+                let (k, r) = if round % 2 == 0 {
+                    let k = measure(b, test, size, false)?;
+                    (k, measure(b, test, size, true)?)
+                } else {
+                    let r = measure(b, test, size, true)?;
+                    (measure(b, test, size, false)?, r)
+                };
+                keel.push(k);
+                reference.push(r);
+                if r > 0.0 {
+                    ratios.push(k / r);
+                }
+            }
             let name = format!("{test:?}").to_lowercase();
+            let each: Vec<String> = ratios.iter().map(|x| format!("{x:.2}")).collect();
             println!(
-                "| {name} | {size} B | {:.2} | {:.2} | {:.2} |",
-                k / 1e6,
-                r / 1e6,
-                if r > 0.0 { k / r } else { 0.0 }
+                "| {name} | {size} B | {:.2} | {:.2} | {:.2} | {} |",
+                median(&keel).unwrap_or(0.0) / 1e6,
+                median(&reference).unwrap_or(0.0) / 1e6,
+                median(&ratios).unwrap_or(0.0),
+                each.join(" ")
             );
         }
     }
