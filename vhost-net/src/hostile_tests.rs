@@ -976,3 +976,54 @@ fn rx_batches_without_merged_buffers_skip_frames_that_do_not_fit() {
     }
     assert_eq!(q.next_avail(), 2);
 }
+
+#[test]
+fn rx_batches_hold_a_bounded_number_of_pieces() {
+    let mem = memory();
+    let (batch, frames) = tx_batch(&mem, &[1100, 60, 60]);
+    // Chain 0: an indirect table of one-byte buffers at consecutive addresses, so
+    // frame 0 alone takes 1112 pieces (more than a round holds); chains 1 and 2: one
+    // buffer each.
+    let table = BUF + 0x8_0000;
+    let n = (HDR_LEN + 1100) as u64;
+    for i in 0..n {
+        let next = if i + 1 < n {
+            VRING_DESC_F_NEXT as u16
+        } else {
+            0
+        };
+        let d = RawDescriptor::from(Descriptor::new(BUF + i, 1, W | next, (i + 1) as u16));
+        mem.write_obj(d, GuestAddress(table + 16 * i)).unwrap();
+    }
+    let mock = MockSplitQueue::new(&mem, QS);
+    add_chains(
+        &mock,
+        &[
+            &[(table, (16 * n) as u32, VRING_DESC_F_INDIRECT as u16)],
+            &[(BUF + 0x1000, 2048, W)],
+            &[(BUF + 0x2000, 2048, W)],
+        ],
+    );
+    let mut q: Queue = mock.create_queue().unwrap();
+    let mut s = RxScratch::default();
+    s.jobs.extend((0..frames.len()).map(|frame| net::RxJob {
+        frame,
+        hdr: net::plain_header(HDR_LEN),
+    }));
+    let mut w = net::RxWriter::new(&mut q, &mem).unwrap();
+    let t = w.write_batch(&batch, HDR_LEN, true, &mut s);
+    w.finish();
+    assert_eq!((t.frames, t.bytes), (3, 1220));
+    assert_eq!(used_idx(&mem, &mock), 3);
+    let used: Vec<(u32, u32)> = (0..3).map(|i| used_elem(&mem, &mock, i)).collect();
+    assert_eq!(used, [(0, n as u32), (1, 72), (2, 72)]);
+    for (addr, f) in [
+        (BUF, &frames[0]),
+        (BUF + 0x1000, &frames[1]),
+        (BUF + 0x2000, &frames[2]),
+    ] {
+        let got = rx_chain_bytes(&mem, addr, (HDR_LEN + f.len()) as u32);
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1);
+        assert_eq!(&got[HDR_LEN..], &f[..]);
+    }
+}

@@ -187,70 +187,78 @@ impl<'q, 'm> RxWriter<'q, 'm> {
             reserved,
             ..
         } = scratch;
-        dst.clear();
-        batch_used.clear();
-        reserved.clear();
         let hdr_len = hdr_len.min(HDR_LEN);
-        for (j, job) in jobs.iter().enumerate() {
-            let Some(f) = batch
-                .frames
-                .get(job.frame)
-                .and_then(|f| f.frame.as_ref().ok())
-            else {
-                continue;
-            };
-            let dst_start = dst.len();
-            match self.reserve(hdr_len + f.len as usize, mrg, dst, batch_used) {
-                Ok(chains) => {
-                    reserved.push(Reserved {
-                        job: j,
-                        dst_start,
-                        dst_end: dst.len(),
-                        chains,
-                    });
-                    tally.frames += 1;
-                    tally.bytes += u64::from(f.len);
+        let mut next = 0;
+        while next < jobs.len() {
+            dst.clear();
+            batch_used.clear();
+            reserved.clear();
+            // Take chains until the batch ends or its pieces reach the bound (a
+            // driver can split a buffer into thousands of pieces: what is held at
+            // once stays bounded).
+            while next < jobs.len() && dst.len() < MAX_PENDING_PIECES {
+                let j = next;
+                next += 1;
+                let Some(f) = batch
+                    .frames
+                    .get(jobs[j].frame)
+                    .and_then(|f| f.frame.as_ref().ok())
+                else {
+                    continue;
+                };
+                let dst_start = dst.len();
+                match self.reserve(hdr_len + f.len as usize, mrg, dst, batch_used) {
+                    Ok(chains) => {
+                        reserved.push(Reserved {
+                            job: j,
+                            dst_start,
+                            dst_end: dst.len(),
+                            chains,
+                        });
+                        tally.frames += 1;
+                        tally.bytes += u64::from(f.len);
+                    }
+                    Err(RxDrop::NoBuffer) => {
+                        tally.no_buffer += (jobs.len() - j) as u64;
+                        next = jobs.len();
+                    }
+                    Err(RxDrop::TooBig) => tally.too_big += 1,
+                    Err(RxDrop::BadDescriptor) => tally.bad_descriptor += 1,
                 }
-                Err(RxDrop::NoBuffer) => {
-                    tally.no_buffer += (jobs.len() - j) as u64;
-                    break;
+            }
+            for r in reserved.iter() {
+                let (Some(job), Some(pieces)) = (jobs.get(r.job), dst.get(r.dst_start..r.dst_end))
+                else {
+                    continue;
+                };
+                let Some(f) = batch
+                    .frames
+                    .get(job.frame)
+                    .and_then(|f| f.frame.as_ref().ok())
+                else {
+                    continue;
+                };
+                let mut hdr = job.hdr;
+                if hdr_len == HDR_LEN {
+                    let n = r.chains.min(usize::from(u16::MAX)) as u16;
+                    hdr[NUM_BUFFERS_OFFSET..].copy_from_slice(&n.to_le_bytes());
                 }
-                Err(RxDrop::TooBig) => tally.too_big += 1,
-                Err(RxDrop::BadDescriptor) => tally.bad_descriptor += 1,
+                let mut out = DstCursor {
+                    pieces,
+                    piece: 0,
+                    off: 0,
+                };
+                out.put(&hdr[..hdr_len]);
+                batch.for_each_piece(f, |p, n| {
+                    // SAFETY: `p` points to `n` readable bytes of the batch (guest
+                    // memory kept mapped by the batch, bounds-checked when the chain
+                    // was taken, or its arena).
+                    unsafe { out.put_raw(p, n) }
+                });
             }
-        }
-        for r in reserved.iter() {
-            let (Some(job), Some(pieces)) = (jobs.get(r.job), dst.get(r.dst_start..r.dst_end))
-            else {
-                continue;
-            };
-            let Some(f) = batch
-                .frames
-                .get(job.frame)
-                .and_then(|f| f.frame.as_ref().ok())
-            else {
-                continue;
-            };
-            let mut hdr = job.hdr;
-            if hdr_len == HDR_LEN {
-                let n = r.chains.min(usize::from(u16::MAX)) as u16;
-                hdr[NUM_BUFFERS_OFFSET..].copy_from_slice(&n.to_le_bytes());
+            for &(h, len) in batch_used.iter() {
+                self.put_used(h, len);
             }
-            let mut out = DstCursor {
-                pieces,
-                piece: 0,
-                off: 0,
-            };
-            out.put(&hdr[..hdr_len]);
-            batch.for_each_piece(f, |p, n| {
-                // SAFETY: `p` points to `n` readable bytes of the batch (guest memory
-                // kept mapped by the batch, bounds-checked when the chain was taken,
-                // or its arena).
-                unsafe { out.put_raw(p, n) }
-            });
-        }
-        for &(h, len) in batch_used.iter() {
-            self.put_used(h, len);
         }
         tally
     }
@@ -495,6 +503,10 @@ fn prefetch_start(p: *mut u8, len: usize) {
         crate::net::prefetch_write(unsafe { p.add(len.min(PREFETCH_BYTES) - 1) });
     }
 }
+
+/// Destination pieces a batch holds before it copies what it has taken (the rest of
+/// the batch follows in another round).
+const MAX_PENDING_PIECES: usize = 1024;
 
 /// How much of each RX buffer is prefetched for writing before the copies.
 const PREFETCH_BYTES: usize = 128;
