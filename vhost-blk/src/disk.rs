@@ -102,6 +102,21 @@ impl Disk {
         })
     }
 
+    /// A disk over an already open file (tests: pipes and the like that `open`
+    /// refuses), write cache on.
+    #[cfg(test)]
+    pub(crate) fn from_file(file: File, size: u64) -> Disk {
+        Disk {
+            file,
+            size,
+            read_only: false,
+            is_block_device: false,
+            direct: false,
+            serial: [0; MAX_SERIAL_LEN],
+            write_cache: AtomicBool::new(true),
+        }
+    }
+
     /// Capacity in 512-byte sectors.
     pub fn sectors(&self) -> u64 {
         self.size / SECTOR_SIZE

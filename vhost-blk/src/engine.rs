@@ -69,19 +69,35 @@ unsafe impl Send for IoVecs {}
 /// What an in-flight SQE is doing, for interpreting its result.
 #[derive(Debug, Clone, Copy)]
 enum Kind {
-    Read { len: u32 },
-    Write { len: u32 },
+    /// `done` of `len` bytes from `offset` transferred so far (a short transfer is
+    /// resubmitted for the rest).
+    Read {
+        offset: u64,
+        len: u32,
+        done: u32,
+    },
+    Write {
+        offset: u64,
+        len: u32,
+        done: u32,
+        flags: i32,
+    },
     Flush,
     Discard,
-    WriteZeroes { offset: u64, len: u64, punch: bool },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        punch: bool,
+    },
 }
 
 struct Inflight {
     head: u16,
     status_addr: GuestAddress,
     kind: Kind,
-    /// Referenced by the kernel until the completion is reaped.
-    _iov: IoVecs,
+    /// Referenced by the kernel until the completion is reaped (advanced past what a
+    /// short transfer did before it is resubmitted).
+    iov: IoVecs,
     /// Keeps the guest memory mapped while the kernel may access it.
     _mem: Arc<GuestMemoryMmap>,
 }
@@ -245,7 +261,15 @@ impl Engine {
                 let e = opcode::Readv::new(fd, iov.0.as_ptr(), iov.0.len() as u32)
                     .offset(offset)
                     .build();
-                (Kind::Read { len }, iov, e)
+                (
+                    Kind::Read {
+                        offset,
+                        len,
+                        done: 0,
+                    },
+                    iov,
+                    e,
+                )
             }
             Op::Write { offset, segs, len } => {
                 let Some(iov) = iovecs(mem, &segs) else {
@@ -262,7 +286,16 @@ impl Engine {
                     .offset(offset)
                     .rw_flags(flags)
                     .build();
-                (Kind::Write { len }, iov, e)
+                (
+                    Kind::Write {
+                        offset,
+                        len,
+                        done: 0,
+                        flags,
+                    },
+                    iov,
+                    e,
+                )
             }
             Op::Flush => {
                 let e = opcode::Fsync::new(fd)
@@ -299,7 +332,7 @@ impl Engine {
             head,
             status_addr,
             kind,
-            _iov: iov,
+            iov,
             _mem: mem.clone(),
         });
         self.inflight += 1;
@@ -365,39 +398,74 @@ impl Engine {
         }
     }
 
+    /// The SQE that continues slot `slot`'s request: the rest of a short read or
+    /// write, or a hole punched where ZERO_RANGE was refused.
+    fn retry_entry(&self, slot: usize) -> Option<io_uring::squeue::Entry> {
+        let inflight = self.slots.get(slot)?.as_ref()?;
+        let fd = types::Fd(self.disk.file.as_raw_fd());
+        let (ptr, cnt) = (inflight.iov.0.as_ptr(), inflight.iov.0.len() as u32);
+        let entry = match inflight.kind {
+            Kind::Read { offset, done, .. } => opcode::Readv::new(fd, ptr, cnt)
+                .offset(offset + u64::from(done))
+                .build(),
+            Kind::Write {
+                offset,
+                done,
+                flags,
+                ..
+            } => opcode::Writev::new(fd, ptr, cnt)
+                .offset(offset + u64::from(done))
+                .rw_flags(flags)
+                .build(),
+            Kind::WriteZeroes {
+                offset, len, punch, ..
+            } => self.zeroes_entry(offset, len, punch),
+            Kind::Flush | Kind::Discard => return None,
+        };
+        Some(entry.user_data(slot as u64))
+    }
+
     /// Moves finished requests into `out` (no syscall). Returns how many were added.
+    /// A read or write that transferred part of its bytes is resubmitted for the
+    /// rest (block devices and network filesystems may stop short); one that makes
+    /// no progress fails.
     pub fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
         let before = out.len();
         let mut retries = Vec::new();
         for cqe in self.ring.completion() {
             let slot = cqe.user_data() as usize;
-            let Some(inflight) = self.slots.get_mut(slot).and_then(Option::take) else {
+            let Some(mut inflight) = self.slots.get_mut(slot).and_then(Option::take) else {
                 warn!("completion for unknown slot {slot}");
                 continue;
             };
             let res = cqe.result();
-            let status = match inflight.kind {
-                Kind::Read { len } | Kind::Write { len } if res == len as i32 => STATUS_OK,
-                Kind::Read { len } | Kind::Write { len } => {
-                    debug!("short or failed I/O: {res} of {len} bytes");
-                    STATUS_IOERR
+            let status = match &mut inflight.kind {
+                Kind::Read { len, done, .. } | Kind::Write { len, done, .. } if res >= 0 => {
+                    let n = res as u32;
+                    match progress(*len, *done, n) {
+                        Progress::Finished => STATUS_OK,
+                        Progress::Partial(now) => {
+                            debug!("short I/O: {n} of {} bytes, resubmitting", *len - *done);
+                            *done = now;
+                            advance(&mut inflight.iov.0, n as usize);
+                            self.slots[slot] = Some(inflight);
+                            retries.push(slot);
+                            continue;
+                        }
+                        Progress::Stuck => {
+                            debug!("I/O stopped after {} of {} bytes", *done, *len);
+                            STATUS_IOERR
+                        }
+                    }
                 }
                 Kind::Discard if res >= 0 || res == -libc::EOPNOTSUPP => STATUS_OK,
-                Kind::WriteZeroes {
-                    offset,
-                    len,
-                    punch: false,
-                } if res == -libc::EOPNOTSUPP || res == -libc::EINVAL => {
+                Kind::WriteZeroes { punch, .. }
+                    if !*punch && (res == -libc::EOPNOTSUPP || res == -libc::EINVAL) =>
+                {
                     // No ZERO_RANGE here: punch a hole instead (reads back zeroes).
-                    retries.push((slot, offset, len));
-                    self.slots[slot] = Some(Inflight {
-                        kind: Kind::WriteZeroes {
-                            offset,
-                            len,
-                            punch: true,
-                        },
-                        ..inflight
-                    });
+                    *punch = true;
+                    self.slots[slot] = Some(inflight);
+                    retries.push(slot);
                     continue;
                 }
                 _ if res >= 0 => STATUS_OK,
@@ -410,7 +478,7 @@ impl Engine {
                 }
             };
             let data_len = match inflight.kind {
-                Kind::Read { len } if status == STATUS_OK => len,
+                Kind::Read { len, .. } if status == STATUS_OK => len,
                 _ => 0,
             };
             out.push(Completion::new(
@@ -422,9 +490,12 @@ impl Engine {
             self.free.push(slot as u32);
             self.inflight -= 1;
         }
-        for (slot, offset, len) in retries {
-            let entry = self.zeroes_entry(offset, len, true).user_data(slot as u64);
-            if self.push(entry).is_err() {
+        for slot in retries {
+            let pushed = match self.retry_entry(slot) {
+                Some(entry) => self.push(entry).is_ok(),
+                None => false,
+            };
+            if !pushed {
                 if let Some(inflight) = self.slots[slot].take() {
                     out.push(Completion::new(
                         inflight.head,
@@ -472,6 +543,41 @@ impl Drop for Engine {
     }
 }
 
+/// Where a read or write of `len` bytes stands after `done` bytes and `n` more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    /// All bytes transferred.
+    Finished,
+    /// This many bytes transferred, the rest still to do.
+    Partial(u32),
+    /// No progress (end of file, nothing written) or more than asked: give up.
+    Stuck,
+}
+
+fn progress(len: u32, done: u32, n: u32) -> Progress {
+    match done.checked_add(n) {
+        Some(now) if now == len => Progress::Finished,
+        Some(now) if n > 0 && now < len => Progress::Partial(now),
+        _ => Progress::Stuck,
+    }
+}
+
+/// Drops the first `n` bytes from `iov` (whole iovecs, then the start of one).
+fn advance(iov: &mut Vec<libc::iovec>, mut n: usize) {
+    let mut whole = 0;
+    for v in iov.iter_mut() {
+        if n < v.iov_len {
+            // SAFETY: `n < iov_len`, so the new base stays inside the same buffer.
+            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+            v.iov_len -= n;
+            break;
+        }
+        n -= v.iov_len;
+        whole += 1;
+    }
+    iov.drain(..whole);
+}
+
 /// Host iovecs for guest segments, or `None` if any part is not guest memory or there
 /// are too many pieces.
 fn iovecs(mem: &GuestMemoryMmap, segs: &[Segment]) -> Option<IoVecs> {
@@ -489,4 +595,163 @@ fn iovecs(mem: &GuestMemoryMmap, segs: &[Segment]) -> Option<IoVecs> {
         }
     }
     Some(IoVecs(iov))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::fs::File;
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+
+    use vm_memory::Bytes;
+
+    use super::*;
+
+    #[test]
+    fn progress_of_short_and_stuck_transfers() {
+        assert_eq!(progress(4096, 0, 4096), Progress::Finished);
+        assert_eq!(progress(4096, 1000, 3096), Progress::Finished);
+        assert_eq!(progress(4096, 0, 1000), Progress::Partial(1000));
+        assert_eq!(progress(4096, 1000, 0), Progress::Stuck);
+        assert_eq!(progress(4096, 1000, 4000), Progress::Stuck);
+        assert_eq!(progress(u32::MAX, u32::MAX - 1, 2), Progress::Stuck);
+    }
+
+    #[test]
+    fn advance_drops_whole_iovecs_then_the_start_of_one() {
+        let mut buf = [0u8; 300];
+        let base = buf.as_mut_ptr();
+        let v = |off: usize, len: usize| libc::iovec {
+            // SAFETY: off + len <= 300 in every use below.
+            iov_base: unsafe { base.add(off) }.cast(),
+            iov_len: len,
+        };
+        let mut iov = vec![v(0, 100), v(100, 100), v(200, 100)];
+        advance(&mut iov, 150);
+        assert_eq!(iov.len(), 2);
+        assert_eq!((iov[0].iov_base, iov[0].iov_len), (v(150, 50).iov_base, 50));
+        assert_eq!(iov[1].iov_len, 100);
+        advance(&mut iov, 50);
+        assert_eq!(iov.len(), 1);
+        assert_eq!(iov[0].iov_base, v(200, 100).iov_base);
+        advance(&mut iov, 100);
+        assert!(iov.is_empty());
+    }
+
+    /// Reaps until `want` completions arrived or `wait` passed.
+    fn reap_until(engine: &mut Engine, out: &mut Vec<Completion>, want: usize, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        while out.len() < want && Instant::now() < deadline {
+            engine.reap(out);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// A pipe as the disk: reads return what has been written so far, the short
+    /// transfers regular files rarely give. The rest of a read is resubmitted until
+    /// every byte arrived, in order.
+    #[test]
+    fn a_short_read_is_resubmitted_for_the_rest() {
+        let (reader, writer) = std::io::pipe().unwrap();
+        let file = File::from(std::os::fd::OwnedFd::from(reader));
+        let disk = Arc::new(Disk::from_file(file, 1 << 20));
+        let mut engine = Engine::new(disk, 4).unwrap();
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap());
+        // Dropped before the engine if an assertion fails: the pending read then
+        // sees the end of the pipe, so the engine's drain does not wait forever.
+        let mut writer = writer;
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+        writer.write_all(&data[..1000]).unwrap();
+        let req = Request {
+            status: Some(GuestAddress(0x8000)),
+            op: Op::Read {
+                offset: 0,
+                segs: vec![
+                    Segment {
+                        addr: GuestAddress(0x1000),
+                        len: 1500,
+                    },
+                    Segment {
+                        addr: GuestAddress(0x4000),
+                        len: 2596,
+                    },
+                ],
+                len: 4096,
+            },
+        };
+        assert_eq!(engine.start(3, req, &mem, false), None);
+        engine.submit().unwrap();
+        let mut out = Vec::new();
+        // The first 1000 bytes come back short; the rest is asked for again.
+        reap_until(&mut engine, &mut out, 1, Duration::from_millis(300));
+        assert!(out.is_empty(), "completed early: {out:?}");
+        assert_eq!(engine.inflight(), 1);
+        writer.write_all(&data[1000..2500]).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        writer.write_all(&data[2500..]).unwrap();
+        reap_until(&mut engine, &mut out, 1, Duration::from_secs(5));
+        assert_eq!(
+            out,
+            [Completion {
+                head: 3,
+                status_addr: Some(GuestAddress(0x8000)),
+                status: STATUS_OK,
+                used_len: 4097,
+            }]
+        );
+        let mut got = vec![0u8; 4096];
+        mem.read_slice(&mut got[..1500], GuestAddress(0x1000))
+            .unwrap();
+        mem.read_slice(&mut got[1500..], GuestAddress(0x4000))
+            .unwrap();
+        assert_eq!(got, data);
+    }
+
+    /// A read that stops short at the end of a file that shrank: the retry gets
+    /// nothing more and the request fails instead of spinning.
+    #[test]
+    fn a_read_that_stops_making_progress_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        std::fs::write(&path, vec![0x5au8; 8192]).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let disk = Arc::new(Disk::from_file(file, 8192));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(6144)
+            .unwrap();
+        let mut engine = Engine::new(disk, 4).unwrap();
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap());
+        let req = Request {
+            status: Some(GuestAddress(0x8000)),
+            op: Op::Read {
+                offset: 4096,
+                segs: vec![Segment {
+                    addr: GuestAddress(0x1000),
+                    len: 4096,
+                }],
+                len: 4096,
+            },
+        };
+        assert_eq!(engine.start(5, req, &mem, false), None);
+        engine.submit().unwrap();
+        let mut out = Vec::new();
+        reap_until(&mut engine, &mut out, 1, Duration::from_secs(5));
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (out[0].head, out[0].status, out[0].used_len),
+            (5, STATUS_IOERR, 1)
+        );
+        let mut got = vec![0u8; 2048];
+        mem.read_slice(&mut got, GuestAddress(0x1000)).unwrap();
+        assert!(got.iter().all(|&b| b == 0x5a));
+    }
 }
