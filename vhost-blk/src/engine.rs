@@ -640,6 +640,30 @@ mod tests {
         assert!(iov.is_empty());
     }
 
+    /// A read at byte `offset` into (guest address, length) segments; status byte at
+    /// 0x8000.
+    fn read(offset: u64, segs: &[(u64, u32)]) -> Request {
+        Request {
+            status: Some(GuestAddress(0x8000)),
+            op: Op::Read {
+                offset,
+                segs: segs
+                    .iter()
+                    .map(|&(addr, len)| Segment {
+                        addr: GuestAddress(addr),
+                        len,
+                    })
+                    .collect(),
+                len: segs.iter().map(|s| s.1).sum(),
+            },
+        }
+    }
+
+    /// Guest memory of 64 KiB.
+    fn memory() -> Arc<GuestMemoryMmap> {
+        Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap())
+    }
+
     /// Reaps until `want` completions arrived or `wait` passed.
     fn reap_until(engine: &mut Engine, out: &mut Vec<Completion>, want: usize, wait: Duration) {
         let deadline = Instant::now() + wait;
@@ -658,29 +682,13 @@ mod tests {
         let file = File::from(std::os::fd::OwnedFd::from(reader));
         let disk = Arc::new(Disk::from_file(file, 1 << 20));
         let mut engine = Engine::new(disk, 4).unwrap();
-        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap());
+        let mem = memory();
         // Dropped before the engine if an assertion fails: the pending read then
         // sees the end of the pipe, so the engine's drain does not wait forever.
         let mut writer = writer;
         let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
         writer.write_all(&data[..1000]).unwrap();
-        let req = Request {
-            status: Some(GuestAddress(0x8000)),
-            op: Op::Read {
-                offset: 0,
-                segs: vec![
-                    Segment {
-                        addr: GuestAddress(0x1000),
-                        len: 1500,
-                    },
-                    Segment {
-                        addr: GuestAddress(0x4000),
-                        len: 2596,
-                    },
-                ],
-                len: 4096,
-            },
-        };
+        let req = read(0, &[(0x1000, 1500), (0x4000, 2596)]);
         assert_eq!(engine.start(3, req, &mem, false), None);
         engine.submit().unwrap();
         let mut out = Vec::new();
@@ -729,18 +737,8 @@ mod tests {
             .set_len(6144)
             .unwrap();
         let mut engine = Engine::new(disk, 4).unwrap();
-        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap());
-        let req = Request {
-            status: Some(GuestAddress(0x8000)),
-            op: Op::Read {
-                offset: 4096,
-                segs: vec![Segment {
-                    addr: GuestAddress(0x1000),
-                    len: 4096,
-                }],
-                len: 4096,
-            },
-        };
+        let mem = memory();
+        let req = read(4096, &[(0x1000, 4096)]);
         assert_eq!(engine.start(5, req, &mem, false), None);
         engine.submit().unwrap();
         let mut out = Vec::new();

@@ -888,6 +888,27 @@ fn tx_batch(mem: &GuestMemoryMmap, lens: &[usize]) -> (TxBatch, Vec<Vec<u8>>) {
     (batch, frames)
 }
 
+/// Writes every frame of `batch` (plain headers) into `mock`'s queue with
+/// [`net::RxWriter::write_batch`]; returns what it did and the queue.
+fn write_batch(
+    mem: &GuestMemoryMmap,
+    mock: &MockSplitQueue<GuestMemoryMmap>,
+    batch: &TxBatch,
+    mrg: bool,
+) -> (net::RxTally, Queue) {
+    let mut q: Queue = mock.create_queue().unwrap();
+    let mut s = RxScratch::default();
+    s.jobs
+        .extend((0..batch.frames.len()).map(|frame| net::RxJob {
+            frame,
+            hdr: net::plain_header(HDR_LEN),
+        }));
+    let mut w = net::RxWriter::new(&mut q, mem).unwrap();
+    let t = w.write_batch(batch, HDR_LEN, mrg, &mut s);
+    w.finish();
+    (t, q)
+}
+
 /// The bytes of used element `i`'s chain (one buffer each in these tests).
 fn rx_chain_bytes(mem: &GuestMemoryMmap, addr: u64, len: u32) -> Vec<u8> {
     let mut b = vec![0u8; len as usize];
@@ -913,15 +934,7 @@ fn rx_batches_write_every_frame_whole_and_in_order() {
             &[(BUF + 0x5000, 2048, W)],
         ],
     );
-    let mut q: Queue = mock.create_queue().unwrap();
-    let mut s = RxScratch::default();
-    s.jobs.extend((0..frames.len()).map(|frame| net::RxJob {
-        frame,
-        hdr: net::plain_header(HDR_LEN),
-    }));
-    let mut w = net::RxWriter::new(&mut q, &mem).unwrap();
-    let t = w.write_batch(&batch, HDR_LEN, true, &mut s);
-    w.finish();
+    let (t, q) = write_batch(&mem, &mock, &batch, true);
     assert_eq!(
         t,
         net::RxTally {
@@ -957,15 +970,7 @@ fn rx_batches_without_merged_buffers_skip_frames_that_do_not_fit() {
     let (batch, frames) = tx_batch(&mem, &[150, 60, 60]);
     let mock = MockSplitQueue::new(&mem, QS);
     add_chains(&mock, &[&[(BUF, 100, W)], &[(BUF + 0x1000, 100, W)]]);
-    let mut q: Queue = mock.create_queue().unwrap();
-    let mut s = RxScratch::default();
-    s.jobs.extend((0..frames.len()).map(|frame| net::RxJob {
-        frame,
-        hdr: net::plain_header(HDR_LEN),
-    }));
-    let mut w = net::RxWriter::new(&mut q, &mem).unwrap();
-    let t = w.write_batch(&batch, HDR_LEN, false, &mut s);
-    w.finish();
+    let (t, q) = write_batch(&mem, &mock, &batch, false);
     // The 150-byte frame does not fit a 100-byte chain and leaves it for the next.
     assert_eq!((t.frames, t.too_big, t.no_buffer), (2, 1, 0));
     assert_eq!(used_elem(&mem, &mock, 0), (0, 72));
@@ -1004,16 +1009,9 @@ fn rx_batches_hold_a_bounded_number_of_pieces() {
             &[(BUF + 0x2000, 2048, W)],
         ],
     );
-    let mut q: Queue = mock.create_queue().unwrap();
-    let mut s = RxScratch::default();
-    s.jobs.extend((0..frames.len()).map(|frame| net::RxJob {
-        frame,
-        hdr: net::plain_header(HDR_LEN),
-    }));
-    let mut w = net::RxWriter::new(&mut q, &mem).unwrap();
-    let t = w.write_batch(&batch, HDR_LEN, true, &mut s);
-    w.finish();
+    let (t, q) = write_batch(&mem, &mock, &batch, true);
     assert_eq!((t.frames, t.bytes), (3, 1220));
+    assert_eq!(q.next_avail(), 3);
     assert_eq!(used_idx(&mem, &mock), 3);
     let used: Vec<(u32, u32)> = (0..3).map(|i| used_elem(&mem, &mock, i)).collect();
     assert_eq!(used, [(0, n as u32), (1, 72), (2, 72)]);

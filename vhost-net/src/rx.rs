@@ -11,10 +11,6 @@ use crate::ring::{HostMem, Ring};
 /// Reusable space for writing RX chains.
 #[derive(Debug, Default)]
 pub struct RxScratch {
-    /// Writable pieces of the first chain of the current frame.
-    first: Vec<(usize, usize)>,
-    /// Used entries of the current frame.
-    used: Vec<(u16, u32)>,
     /// The pieces of the frame being written.
     pub(crate) src: Vec<(*const u8, usize)>,
     /// A frame copy for the slow paths (checksum completion).
@@ -79,62 +75,6 @@ impl RxTally {
 
 // SAFETY: `src` only holds pointers while one frame is written, within one call.
 unsafe impl Send for RxScratch {}
-
-/// The bytes written into an RX chain: the header, then the frame's pieces.
-struct Stream<'a> {
-    hdr: &'a [u8],
-    pieces: &'a [(*const u8, usize)],
-    /// Position in the stream.
-    pos: usize,
-    piece: usize,
-    piece_off: usize,
-}
-
-impl Stream<'_> {
-    fn total(&self) -> usize {
-        self.hdr.len() + self.pieces.iter().map(|p| p.1).sum::<usize>()
-    }
-
-    /// Copies the next `n` bytes of the stream to `dst`.
-    ///
-    /// # Safety
-    /// `dst` must be valid for `n` bytes of writes and the stream must have `n` more
-    /// bytes.
-    unsafe fn copy_to(&mut self, mut dst: *mut u8, mut n: usize) {
-        while n > 0 && self.pos < self.hdr.len() {
-            let k = (self.hdr.len() - self.pos).min(n);
-            // SAFETY: `k` bytes remain in `hdr` from `pos`; `dst` has room (caller).
-            unsafe {
-                std::ptr::copy_nonoverlapping(self.hdr.as_ptr().add(self.pos), dst, k);
-                dst = dst.add(k);
-            }
-            self.pos += k;
-            n -= k;
-        }
-        while n > 0 {
-            let Some(&(p, len)) = self.pieces.get(self.piece) else {
-                return;
-            };
-            let k = (len - self.piece_off).min(n);
-            // SAFETY: the piece has `len` readable bytes (mapped guest memory checked
-            // when the chain was taken, or a live buffer), `piece_off + k <= len`; the
-            // destination is a checked RX buffer piece with room for `n >= k` bytes.
-            // `copy` (memmove), not `copy_nonoverlapping`: a guest with two ports on
-            // this switch may make a TX buffer overlap an RX buffer.
-            unsafe {
-                std::ptr::copy(p.add(self.piece_off), dst, k);
-                dst = dst.add(k);
-            }
-            self.piece_off += k;
-            self.pos += k;
-            n -= k;
-            if self.piece_off == len {
-                self.piece += 1;
-                self.piece_off = 0;
-            }
-        }
-    }
-}
 
 /// An RX queue being filled: ring pointers resolved once, used entries published
 /// once at [`RxWriter::finish`].
@@ -364,7 +304,9 @@ impl<'q, 'm> RxWriter<'q, 'm> {
         r
     }
 
-    /// Writes `hdr` then the bytes of `pieces` (pointers valid for the call).
+    /// Writes `hdr` then the bytes of `pieces` (pointers valid for the call): one
+    /// chain, or with `mrg` as many as needed (`num_buffers` of a full-size header
+    /// is set here). On `NoBuffer`/`TooBig` the queue is left as it was.
     pub fn write_pieces(
         &mut self,
         hdr: &[u8],
@@ -372,104 +314,38 @@ impl<'q, 'm> RxWriter<'q, 'm> {
         mrg: bool,
         scratch: &mut RxScratch,
     ) -> Result<(), RxDrop> {
-        let mut stream = Stream {
-            hdr,
-            pieces,
-            pos: 0,
-            piece: 0,
-            piece_off: 0,
-        };
-        let total = stream.total();
-        let start_avail = self.next_avail;
-        scratch.used.clear();
-        scratch.first.clear();
-        let mut written = 0usize;
-        while written < total {
-            if self.next_avail == self.avail_idx {
-                self.avail_idx = self.ring.avail_idx();
-                if self.next_avail == self.avail_idx {
-                    self.next_avail = start_avail;
-                    return Err(RxDrop::NoBuffer);
+        let total = hdr.len() + pieces.iter().map(|p| p.1).sum::<usize>();
+        let RxScratch {
+            dst, batch_used, ..
+        } = scratch;
+        dst.clear();
+        batch_used.clear();
+        let reserved = self.reserve(total, mrg, dst, batch_used);
+        if let Ok(chains) = reserved {
+            let mut out = DstCursor {
+                pieces: dst,
+                piece: 0,
+                off: 0,
+            };
+            match <[u8; HDR_LEN]>::try_from(hdr) {
+                Ok(mut full) => {
+                    let n = chains.min(usize::from(u16::MAX)) as u16;
+                    full[NUM_BUFFERS_OFFSET..].copy_from_slice(&n.to_le_bytes());
+                    out.put(&full);
                 }
-                if self.avail_idx.wrapping_sub(self.next_avail) > self.ring.size() {
-                    // A driver that claims more buffers than the ring holds.
-                    self.avail_idx = self.next_avail;
-                    self.next_avail = start_avail;
-                    return Err(RxDrop::NoBuffer);
-                }
+                Err(_) => out.put(hdr),
             }
-            if !scratch.used.is_empty() && !mrg {
-                self.next_avail = start_avail;
-                return Err(RxDrop::TooBig);
-            }
-            let head = self.ring.avail_entry(self.next_avail);
-            self.next_avail = self.next_avail.wrapping_add(1);
-            let first = scratch.used.is_empty();
-            let mut chain_len = 0usize;
-            let mut bad = false;
-            let hm = &self.hm;
-            let walked = self.ring.walk(hm, head, |addr, len, writable| {
-                if !writable {
-                    bad = true;
-                    return false;
-                }
-                let ok = hm.pieces(addr, u64::from(len), |p, n| {
-                    if first {
-                        scratch.first.push((p as usize, n));
-                    }
-                    let k = n.min(total - written);
-                    if k > 0 {
-                        // SAFETY: `p` is a bounds-checked piece of mapped guest memory
-                        // with `n >= k` writable bytes the driver gave to the device;
-                        // the stream has `total - written >= k` bytes left.
-                        unsafe { stream.copy_to(p, k) };
-                        written += k;
-                        chain_len += k;
-                    }
-                });
-                if !ok {
-                    bad = true;
-                }
-                ok
-            });
-            if bad || walked.is_err() || chain_len == 0 {
-                // Give this chain and the ones already filled for this frame back empty
-                // (a chain of zero-length buffers counts as malformed too).
-                self.put_used(head, 0);
-                for i in 0..scratch.used.len() {
-                    let h = scratch.used[i].0;
-                    self.put_used(h, 0);
-                }
-                return Err(RxDrop::BadDescriptor);
-            }
-            scratch.used.push((head, chain_len as u32));
-        }
-        let n = scratch.used.len();
-        if n > 1 && hdr.len() == HDR_LEN {
-            let count = (n.min(usize::from(u16::MAX)) as u16).to_le_bytes();
-            let mut off = NUM_BUFFERS_OFFSET;
-            let mut src = &count[..];
-            for &(p, len) in &scratch.first {
-                if src.is_empty() {
-                    break;
-                }
-                if off >= len {
-                    off -= len;
-                    continue;
-                }
-                let k = (len - off).min(src.len());
-                // SAFETY: `p` is a checked writable RX piece of `len` bytes and
-                // `off + k <= len`.
-                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), (p as *mut u8).add(off), k) };
-                src = &src[k..];
-                off = 0;
+            for &(p, n) in pieces {
+                // SAFETY: the caller's pieces are valid for `n` bytes of reads for the
+                // duration of the call.
+                unsafe { out.put_raw(p, n) };
             }
         }
-        for i in 0..n {
-            let (h, len) = scratch.used[i];
+        // Written chains, or on a bad chain the ones taken, returned empty.
+        for &(h, len) in batch_used.iter() {
             self.put_used(h, len);
         }
-        Ok(())
+        reserved.map(|_| ())
     }
 
     /// Publishes the used entries and updates the queue. Returns whether the driver
