@@ -147,19 +147,8 @@ impl BlkBackend {
             return;
         }
         let cpu = self.affinity[thread_id % self.affinity.len()];
-        // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write inside it, and
-        // sched_setaffinity reads it for the calling thread (pid 0).
-        let rc = unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_ZERO(&mut set);
-            libc::CPU_SET(cpu, &mut set);
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-        };
-        if rc != 0 {
-            warn!(
-                "cannot pin queue {thread_id} to CPU {cpu}: {}",
-                io::Error::last_os_error()
-            );
+        if let Err(e) = keel_affinity::pin_current_thread([cpu]) {
+            warn!("cannot pin queue {thread_id} to CPU {cpu}: {e}");
         }
     }
 
@@ -262,15 +251,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let config = self.config_space();
-        // Fields past ours (newer spec versions) read as zero.
-        let size = (size as usize).min(256);
-        (0..size)
-            .map(|i| {
-                let at = (offset as usize).saturating_add(i);
-                config.get(at).copied().unwrap_or(0)
-            })
-            .collect()
+        keel_vhost_relay::config_window(&self.config_space(), offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {

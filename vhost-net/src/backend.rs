@@ -198,7 +198,7 @@ impl PortBackend {
             return;
         }
         let cpu = cpus[thread % cpus.len()];
-        match pin_current_thread(cpu) {
+        match keel_affinity::pin_current_thread([cpu]) {
             Ok(()) => info!("{}: worker {thread} pinned to CPU {cpu}", self.port.name()),
             Err(e) => warn!(
                 "{}: cannot pin worker {thread} to CPU {cpu}: {e}",
@@ -318,24 +318,6 @@ impl PortBackend {
     }
 }
 
-/// Pins the calling thread to `cpu`.
-pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
-    if cpu >= libc::CPU_SETSIZE as usize {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
-    }
-    // SAFETY: an all-zero cpu_set_t is a valid empty set; CPU_SET writes inside it
-    // (cpu < CPU_SETSIZE); sched_setaffinity(0) reads the set for the calling thread.
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 impl VhostUserBackend for PortBackend {
     type Bitmap = ();
     type Vring = Vring;
@@ -390,14 +372,7 @@ impl VhostUserBackend for PortBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let config = self.config_space();
-        let size = (size as usize).min(256);
-        (0..size)
-            .map(|i| {
-                let at = (offset as usize).saturating_add(i);
-                config.get(at).copied().unwrap_or(0)
-            })
-            .collect()
+        keel_vhost_relay::config_window(&self.config_space(), offset, size)
     }
 
     fn update_memory(&self, _mem: GuestMem) -> io::Result<()> {

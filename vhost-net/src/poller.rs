@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::backend::{pin_current_thread, PortBackend, IDLE_CLOCK_EVERY};
+use crate::backend::{PortBackend, IDLE_CLOCK_EVERY};
 use crate::switch::{lock, Vring};
 
 /// Longest sleep between checks of a group's membership when nothing wakes it.
@@ -108,7 +108,7 @@ impl PollGroup {
 
     /// The thread's loop; never returns (the group lives as long as the process).
     fn run(&self, window: Duration) {
-        match pin_current_thread(self.cpu) {
+        match keel_affinity::pin_current_thread([self.cpu]) {
             Ok(()) => info!("poll group pinned to CPU {}", self.cpu),
             Err(e) => warn!("poll group: cannot pin to CPU {}: {e}", self.cpu),
         }

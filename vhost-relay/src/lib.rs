@@ -10,6 +10,9 @@
 //! is answered here, and every reply from the daemon is copied back to the frontend,
 //! whole messages with their file descriptors.
 //!
+//! [`config_window`] answers GET_CONFIG from a device's config space the same way for
+//! both backends.
+//!
 //! Only control messages pass through here; the data path is untouched. A frontend
 //! that breaks the framing (oversized payload, too many descriptors) or that the
 //! handler refuses is disconnected: that ends its own connection only.
@@ -337,6 +340,23 @@ pub fn private_connection(socket: &Path, id: u64) -> io::Result<(Listener, UnixS
     result
 }
 
+/// Largest GET_CONFIG answer: the vhost-user limit on a device's config space.
+pub const MAX_CONFIG_SIZE: usize = 256;
+
+/// What a GET_CONFIG of `size` bytes at `offset` returns for a device whose config
+/// space is `config`: its bytes, zero past its end (fields of newer spec versions
+/// than the device knows), at most [`MAX_CONFIG_SIZE`] bytes, whatever the frontend
+/// asked for.
+pub fn config_window(config: &[u8], offset: u32, size: u32) -> Vec<u8> {
+    let size = (size as usize).min(MAX_CONFIG_SIZE);
+    (0..size)
+        .map(|i| {
+            let at = (offset as usize).saturating_add(i);
+            config.get(at).copied().unwrap_or(0)
+        })
+        .collect()
+}
+
 /// The little-endian u32 at `at` in `b` (0 past the end).
 pub fn le_u32(b: &[u8], at: usize) -> u32 {
     let mut v = [0u8; 4];
@@ -357,6 +377,7 @@ pub fn le_u64(b: &[u8], at: usize) -> u64 {
 
 #[cfg(test)]
 mod tests {
+
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use std::io::Seek;
@@ -500,5 +521,14 @@ mod tests {
         assert_eq!(le_u32(&[1, 0], 0), 0);
         assert_eq!(le_u64(&[0; 12], 8), 0);
         assert_eq!(le_u64(&2u64.to_le_bytes(), 0), 2);
+    }
+
+    #[test]
+    fn config_window_zero_fills_and_caps() {
+        let config = [1u8, 2, 3, 4];
+        assert_eq!(config_window(&config, 1, 2), [2, 3]);
+        assert_eq!(config_window(&config, 2, 4), [3, 4, 0, 0]);
+        assert_eq!(config_window(&config, u32::MAX, 2), [0, 0]);
+        assert_eq!(config_window(&config, 0, u32::MAX).len(), MAX_CONFIG_SIZE);
     }
 }

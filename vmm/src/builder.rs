@@ -311,7 +311,7 @@ fn launch(
     // The VMM's own threads: pinned after the vCPU threads were spawned, so those do
     // not inherit this mask.
     if let Some(cpus) = &config.vmm.affinity {
-        if let Err(e) = crate::affinity::pin_current_thread(cpus) {
+        if let Err(e) = keel_affinity::pin_current_thread(cpus.iter().map(|&c| c as usize)) {
             warn!("cannot pin the VMM thread to host CPUs {cpus:?}: {e}");
         }
     }

@@ -3,7 +3,6 @@
 //! The binary (`main.rs`) only parses the command line; everything else lives here so
 //! integration tests and tools can use it.
 
-pub mod affinity;
 pub mod backends;
 pub mod boot;
 pub mod builder;

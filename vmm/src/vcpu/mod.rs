@@ -22,7 +22,6 @@ use vmm_sys_util::signal::Killable;
 
 pub use control::{RunState, VcpuControl};
 
-use crate::affinity;
 use crate::boot::BootEntry;
 
 /// Errors while creating or starting vCPUs.
@@ -253,7 +252,7 @@ enum Next {
 fn vcpu_thread(mut vcpu: Vcpu, buses: Buses, events: EventSink, control: Arc<VcpuControl>) {
     let index = vcpu.index;
     if let Some(cpus) = &vcpu.affinity {
-        match affinity::pin_current_thread(cpus) {
+        match keel_affinity::pin_current_thread(cpus.iter().map(|&c| c as usize)) {
             Ok(()) => info!("vCPU {index} pinned to host CPUs {cpus:?}"),
             Err(e) => {
                 events.send(VcpuEvent::Fatal {

@@ -1,13 +1,17 @@
-//! CPU affinity of threads (vCPUs and the VMM's own).
+//! keel-affinity: CPU affinity of the calling thread, shared by keel-vmm (vCPU and
+//! VMM threads) and the backends (queue workers and poll threads).
 
 use std::io;
 
-/// Pins the calling thread to `cpus`.
-pub fn pin_current_thread(cpus: &[u32]) -> io::Result<()> {
+/// Pins the calling thread to `cpus` (it may run on any of them). An empty list or
+/// a CPU beyond the kernel's mask size is an error; so is a set of CPUs that are all
+/// offline or outside the process's cpuset (the kernel refuses it).
+pub fn pin_current_thread(cpus: impl IntoIterator<Item = usize>) -> io::Result<()> {
     // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let max = libc::CPU_SETSIZE as u32;
-    for &cpu in cpus {
+    let max = libc::CPU_SETSIZE as usize;
+    let mut any = false;
+    for cpu in cpus {
         if cpu >= max {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -15,7 +19,14 @@ pub fn pin_current_thread(cpus: &[u32]) -> io::Result<()> {
             ));
         }
         // SAFETY: `cpu` is below CPU_SETSIZE, so the bit lies inside `set`.
-        unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+        any = true;
+    }
+    if !any {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no CPU to pin the thread to",
+        ));
     }
     // SAFETY: pid 0 means the calling thread; `set` is a valid, initialised cpu_set_t
     // of the size passed.
@@ -27,7 +38,7 @@ pub fn pin_current_thread(cpus: &[u32]) -> io::Result<()> {
 }
 
 /// The CPUs the calling thread may run on.
-pub fn current_thread_cpus() -> io::Result<Vec<u32>> {
+pub fn current_thread_cpus() -> io::Result<Vec<usize>> {
     // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: pid 0 is the calling thread; `set` is writable and of the size passed.
@@ -36,9 +47,9 @@ pub fn current_thread_cpus() -> io::Result<Vec<u32>> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok((0..libc::CPU_SETSIZE as u32)
+    Ok((0..libc::CPU_SETSIZE as usize)
         // SAFETY: `set` is initialised; CPU_ISSET only reads it.
-        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu as usize, &set) })
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
         .collect())
 }
 
@@ -51,7 +62,7 @@ mod tests {
         let result = std::thread::spawn(|| {
             let cpus = current_thread_cpus()?;
             let first = cpus.first().copied().unwrap_or(0);
-            pin_current_thread(&[first])?;
+            pin_current_thread([first])?;
             current_thread_cpus().map(|now| (first, now))
         })
         .join();
@@ -62,7 +73,8 @@ mod tests {
     }
 
     #[test]
-    fn out_of_range_cpu_is_an_error() {
-        assert!(pin_current_thread(&[1 << 20]).is_err());
+    fn out_of_range_or_no_cpu_is_an_error() {
+        assert!(pin_current_thread([1 << 20]).is_err());
+        assert!(pin_current_thread([]).is_err());
     }
 }
