@@ -18,11 +18,11 @@
 //! The frontends run on CPU 0, the backend alone on CPU 1. Each measurement is the
 //! median of the per-second rates over the window.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use keel_vhost_net::control_client::ControlClient;
 
 use crate::error::{io_err, BenchError};
 
@@ -197,22 +197,12 @@ fn rx_pps(log: &str, n: usize) -> Option<f64> {
 
 /// keel's `tx_packets` of port `p0` from its control socket.
 fn keel_tx_packets(control: &Path) -> Result<u64, BenchError> {
-    let mut s = UnixStream::connect(control).map_err(io_err("connect to keel's control"))?;
-    s.write_all(b"{\"cmd\":\"stats\"}\n")
-        .map_err(io_err("control write"))?;
-    let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .map_err(io_err("control read"))?;
-    let key = "\"tx_packets\":";
-    let at = line
-        .find(key)
-        .ok_or_else(|| BenchError::Run(format!("no tx_packets in {line}")))?;
-    line[at + key.len()..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| BenchError::Run(format!("bad stats {line}")))
+    let p0 = ControlClient::new(control)
+        .port("p0")
+        .map_err(|e| BenchError::Run(e.to_string()))?;
+    p0["tx_packets"]
+        .as_u64()
+        .ok_or_else(|| BenchError::Run(format!("no tx_packets in {p0}")))
 }
 
 fn keel(b: &NetBench, dir: &Path, ports: usize) -> Result<Proc, BenchError> {

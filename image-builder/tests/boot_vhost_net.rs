@@ -17,13 +17,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{assert_has, build_image, writable_disk};
+use keel_vhost_net::control_client::ControlClient;
 use serde_json::Value;
 
 const GUEST_MAC: &str = "52:54:00:12:34:56";
@@ -176,20 +176,7 @@ impl Switch {
 
     /// The control socket's counters of port `name`.
     fn port(&self, name: &str) -> Value {
-        let mut s = UnixStream::connect(&self.control).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(b"{\"cmd\":\"stats\"}\n").unwrap();
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).unwrap();
-        let stats: Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(stats["ok"], true, "{stats}");
-        stats["ports"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == name)
-            .cloned()
-            .unwrap_or_else(|| panic!("no port {name} in {stats}"))
+        ControlClient::new(&self.control).port(name).unwrap()
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod config;
 pub mod control;
+pub mod control_client;
 pub mod net;
 pub use keel_sd_notify as notify;
 pub mod offload;

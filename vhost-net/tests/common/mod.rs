@@ -6,13 +6,13 @@
 
 pub mod netns;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use keel_vhost_net::control_client::ControlClient;
 use serde_json::Value;
 
 /// Held while a test runs testpmd: this process's other tests wait on the mutex,
@@ -146,26 +146,17 @@ impl Backend {
 
     /// Sends one control request and returns the reply.
     pub fn request(&self, req: &str) -> Value {
-        let mut s = UnixStream::connect(&self.control).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        s.write_all(req.as_bytes()).unwrap();
-        s.write_all(b"\n").unwrap();
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap()
+        self.client().request(req).unwrap()
+    }
+
+    /// A client of its control socket.
+    pub fn client(&self) -> ControlClient {
+        ControlClient::new(&self.control).with_timeout(Duration::from_secs(30))
     }
 
     /// The counters of port `name`.
     pub fn port(&self, name: &str) -> Value {
-        let stats = self.request(r#"{"cmd":"stats"}"#);
-        assert_eq!(stats["ok"], true, "{stats}");
-        stats["ports"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == name)
-            .cloned()
-            .unwrap_or_else(|| panic!("no port {name} in {stats}"))
+        self.client().port(name).unwrap()
     }
 
     /// Counter `key` of port `name`.
