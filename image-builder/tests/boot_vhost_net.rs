@@ -17,12 +17,12 @@
 
 mod common;
 
-use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{assert_has, build_image, writable_disk};
+use keel_sd_notify::NotifyListener;
 use keel_vhost_net::control_client::ControlClient;
 use serde_json::Value;
 
@@ -134,11 +134,7 @@ impl Switch {
     /// Starts the switch in `ns` with `args` and waits for its READY=1.
     fn start(ns: &Netns, dir: &Path, args: &[String]) -> Switch {
         let control = dir.join("control.sock");
-        let notify_path = dir.join("notify.sock");
-        let notify = UnixDatagram::bind(&notify_path).unwrap();
-        notify
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
+        let notify = NotifyListener::bind(dir.join("notify.sock").to_str().unwrap()).unwrap();
         let log = dir.join("keel-vhost-net.log");
         // `ip netns exec` execs the switch: the child's PID is the switch's.
         let child = Command::new("ip")
@@ -148,7 +144,7 @@ impl Switch {
             .arg("--control")
             .arg(&control)
             .env("RUST_LOG", "info")
-            .env("NOTIFY_SOCKET", &notify_path)
+            .env("NOTIFY_SOCKET", notify.address())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -159,14 +155,12 @@ impl Switch {
             control,
             log,
         };
-        let mut buf = [0u8; 256];
-        let n = notify.recv(&mut buf).unwrap_or_else(|e| {
+        if let Err(e) = notify.recv_line("READY=1", Duration::from_secs(30)) {
             panic!(
                 "no READY=1 from keel-vhost-net ({e}); log:\n{}",
                 switch.log_text()
-            )
-        });
-        assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+            );
+        }
         switch
     }
 

@@ -11,7 +11,7 @@
 //! that interval, and each firing sends `WATCHDOG=1`. The pings come from the event
 //! loop itself, so a loop that stops turning stops pinging. Processes without an
 //! event loop use [`spawn_watchdog`], a thread that pings while a liveness check
-//! passes.
+//! passes. [`NotifyListener`] is the receiving end (tests and supervisors).
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -23,6 +23,9 @@ use std::time::Duration;
 use log::{debug, warn};
 use thiserror::Error;
 use vmm_sys_util::timerfd::TimerFd;
+
+mod listener;
+pub use listener::NotifyListener;
 
 /// The notification socket variable.
 pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";

@@ -6,12 +6,12 @@
 
 pub mod netns;
 
-use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use keel_sd_notify::NotifyListener;
 use keel_vhost_net::control_client::ControlClient;
 use serde_json::Value;
 
@@ -92,11 +92,7 @@ impl Backend {
     /// that execs the backend in its own process.
     pub fn start_in(wrapper: &[&str], dir: &Path, ports: &[String], extra: &[&str]) -> Backend {
         let control = dir.join("control.sock");
-        let notify_path = dir.join("notify.sock");
-        let notify = UnixDatagram::bind(&notify_path).unwrap();
-        notify
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
+        let notify = NotifyListener::bind(dir.join("notify.sock").to_str().unwrap()).unwrap();
         let log = dir.join("backend.log");
         let bin = env!("CARGO_BIN_EXE_keel-vhost-net");
         let mut cmd = match wrapper.split_first() {
@@ -115,7 +111,7 @@ impl Backend {
             .arg(&control)
             .args(extra)
             .env("RUST_LOG", "info")
-            .env("NOTIFY_SOCKET", &notify_path)
+            .env("NOTIFY_SOCKET", notify.address())
             .stdin(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
             .spawn()
@@ -125,12 +121,9 @@ impl Backend {
             control,
             log,
         };
-        let mut buf = [0u8; 256];
-        let n = notify
-            .recv(&mut buf)
+        notify
+            .recv_line("READY=1", Duration::from_secs(30))
             .expect("no READY=1 from keel-vhost-net");
-        let msg = String::from_utf8_lossy(&buf[..n]).to_string();
-        assert!(msg.contains("READY=1"), "{msg}");
         backend
     }
 
