@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
@@ -14,6 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{workspace_root, SandboxDir, Vmm, BOOT_TIMEOUT};
+use keel_sd_notify::NotifyListener;
 
 /// Highest acceptable `systemd-analyze security` exposure ("OK" or better).
 const MAX_EXPOSURE: f64 = 4.0;
@@ -191,27 +190,17 @@ fn every_remaining_exposure_is_explained_in_the_unit() {
 struct Notes(Arc<Mutex<Vec<(Instant, String)>>>);
 
 impl Notes {
-    fn listen(socket: UnixDatagram) -> Self {
+    /// Collects every notification to `address` (a path or `@name`) from a thread.
+    fn listen(address: &str) -> Self {
+        let listener = NotifyListener::bind(address).unwrap();
         let notes = Notes::default();
         let n = notes.clone();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
         thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            // Ends when the test binary exits; the socket lives in a temp dir.
+            // Ends once the test dropped its Notes (or the socket fails).
             loop {
-                match socket.recv(&mut buf) {
-                    Ok(len) => {
-                        let msg = String::from_utf8_lossy(&buf[..len]).into_owned();
-                        n.0.lock().unwrap().push((Instant::now(), msg));
-                    }
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) =>
-                    {
+                match listener.recv(Duration::from_millis(100)) {
+                    Ok(msg) => n.0.lock().unwrap().push((Instant::now(), msg)),
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                         if Arc::strong_count(&n.0) == 1 {
                             return;
                         }
@@ -256,7 +245,7 @@ impl Notes {
 fn notify_ready_watchdog_and_stopping() {
     let dir = SandboxDir::new();
     let sock = dir.path("notify.sock");
-    let notes = Notes::listen(UnixDatagram::bind(&sock).unwrap());
+    let notes = Notes::listen(sock.to_str().unwrap());
     let config = dir.probe_config("spin", 1, "");
     let mut vmm = Vmm::start_with_env(
         &config,
@@ -321,8 +310,7 @@ fn notify_ready_watchdog_and_stopping() {
 fn notify_abstract_socket_control_shutdown_and_foreign_watchdog_pid() {
     let dir = SandboxDir::new();
     let name = format!("keel-test-notify-{}", std::process::id());
-    let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
-    let notes = Notes::listen(UnixDatagram::bind_addr(&addr).unwrap());
+    let notes = Notes::listen(&format!("@{name}"));
     let control = dir.path("control.sock");
     let extra = format!("[control]\nsocket = \"{}\"\n", control.display());
     let config = dir.probe_config("spin", 1, &extra);
@@ -354,7 +342,7 @@ fn notify_abstract_socket_control_shutdown_and_foreign_watchdog_pid() {
 fn notify_no_ready_when_the_vm_cannot_start() {
     let dir = SandboxDir::new();
     let sock = dir.path("notify.sock");
-    let notes = Notes::listen(UnixDatagram::bind(&sock).unwrap());
+    let notes = Notes::listen(sock.to_str().unwrap());
     // The file is valid, but the 2 MiB hugepage pool is too small for it: the VMM
     // fails while creating guest RAM, after KVM is set up.
     let free: u64 =
