@@ -32,6 +32,9 @@ pub struct BlkBench {
     pub seconds: f64,
     /// Queue depths.
     pub depths: Vec<usize>,
+    /// CPUs for the backend under test and for the client (the bench itself), the
+    /// same for every variant; `None`: both float over all CPUs.
+    pub cpus: Option<(usize, usize)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -337,6 +340,10 @@ pub fn run(b: &BlkBench) -> Result<(), BenchError> {
     let sock = dir.path().join("blk.sock");
     let blocks = (b.size_mib * 1024 * 1024 / BLOCK) as u64;
     let max_depth = b.depths.iter().copied().max().unwrap_or(1);
+    if let Some((_, client)) = b.cpus {
+        keel_affinity::pin_current_thread([client])
+            .map_err(io_err(format!("pin the client to CPU {client}")))?;
+    }
     let mut results: Vec<(&str, Workload, usize, f64)> = Vec::new();
     for v in VARIANTS.iter() {
         if v.name.starts_with("qsd") && b.qsd.is_none() {
@@ -347,7 +354,11 @@ pub fn run(b: &BlkBench) -> Result<(), BenchError> {
             seq: vec![0; blocks as usize],
         };
         let mut next_seq = 0;
-        let (program, args) = (v.args)(b, &img, &sock);
+        let (mut program, mut args) = (v.args)(b, &img, &sock);
+        if let Some((backend, _)) = b.cpus {
+            args.splice(0..0, ["-c".to_string(), backend.to_string(), program]);
+            program = "taskset".into();
+        }
         let _server = Server::start(&program, &args, &sock)?;
         let mut c = Client::connect(&sock, max_depth * BLOCK)?;
         for &w in &[Workload::RandRead, Workload::RandWrite] {

@@ -55,6 +55,15 @@ enum Command {
         /// Queue depths.
         #[arg(long, value_delimiter = ',', default_value = "1,32,128")]
         depths: Vec<usize>,
+        /// The backend runs on this CPU (under taskset), every variant alike.
+        #[arg(long, default_value_t = 1)]
+        backend_cpu: usize,
+        /// The client (this process) runs on this CPU.
+        #[arg(long, default_value_t = 0)]
+        client_cpu: usize,
+        /// Let the backend and the client float over all CPUs instead.
+        #[arg(long)]
+        no_pin: bool,
     },
     /// Packet rates of keel-vhost-net against testpmd's net_vhost PMD, both driven by
     /// testpmd virtio-user frontends: receive only, a port-to-port loop, and port to
@@ -113,12 +122,16 @@ fn main() -> ExitCode {
             size_mib,
             seconds,
             depths,
+            backend_cpu,
+            client_cpu,
+            no_pin,
         } => blk::run(&blk::BlkBench {
             keel,
             qsd: (qsd != "none").then_some(qsd),
             size_mib,
             seconds,
             depths,
+            cpus: (!no_pin).then_some((backend_cpu, client_cpu)),
         })
         .map_err(|e| e.to_string()),
         Command::Net {

@@ -153,25 +153,25 @@ impl BlkBackend {
     }
 
     /// One round on queue `thread_id`: reap completions, take new requests, signal.
-    /// Returns whether anything happened.
     fn run_once(
         &self,
         vring: &Vring,
         thread_id: usize,
         rearm: bool,
         woken_by_completion: bool,
-    ) -> io::Result<bool> {
+    ) -> io::Result<Round> {
         let Some(mem) = self.memory() else {
-            return Ok(false);
+            return Ok(Round::default());
         };
         let Some(worker) = self.workers.get(thread_id) else {
-            return Ok(false);
+            return Ok(Round::default());
         };
         let mut state = vring.get_mut();
         if !state.get_queue().ready() || !state.is_enabled() {
-            return Ok(false);
+            return Ok(Round::default());
         }
         let mut worker = lock(worker);
+        let inflight_before = worker.inflight();
         let q = state.get_queue_mut();
         let mut used = 0;
         if worker.needs_recovery() {
@@ -189,13 +189,23 @@ impl BlkBackend {
         // signals again), so epoll does not wake us for work already done.
         let clear = rearm && worker.has_completions();
         used += worker.process_completions(q, &mem, clear);
-        let submitted = worker.inflight() > 0;
+        let waiting = worker.inflight() > 0;
+        let progress = used > 0 || worker.inflight() > inflight_before;
         drop(worker);
         if used > 0 && state.needs_notification().unwrap_or(true) {
             state.signal_used_queue()?;
         }
-        Ok(used > 0 || submitted)
+        Ok(Round { progress, waiting })
     }
+}
+
+/// What one round on a queue did.
+#[derive(Debug, Default, Clone, Copy)]
+struct Round {
+    /// Requests completed or submitted.
+    progress: bool,
+    /// Requests are in flight (their completion will come).
+    waiting: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -339,9 +349,16 @@ impl VhostUserBackend for BlkBackend {
         let mut idle_since: Option<Instant> = None;
         let mut idle_passes = 0u32;
         loop {
-            if self.run_once(vring, thread_id, false, false)? {
+            let round = self.run_once(vring, thread_id, false, false)?;
+            if round.progress || round.waiting {
                 idle_since = None;
                 idle_passes = 0;
+                if !round.progress {
+                    // Only waiting for I/O in flight: the kernel's io-wq workers that
+                    // carry it out (buffered writes on most filesystems) may share
+                    // this CPU; spinning would keep them off it until preempted.
+                    std::thread::yield_now();
+                }
                 continue;
             }
             idle_passes = idle_passes.wrapping_add(1);
