@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -105,6 +105,13 @@ fn disk_config(dir: &SandboxDir, mode: &str, socket: &Path, extra: &str) -> std:
     )
 }
 
+/// A zeroed 1 MiB disk image in `dir` and the path for its backend's socket.
+fn scratch_disk(dir: &SandboxDir) -> (PathBuf, PathBuf) {
+    let image = dir.path("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    (image, dir.path("blk.sock"))
+}
+
 #[test]
 fn missing_backend_fails_after_the_timeout_naming_device_and_socket() {
     let dir = SandboxDir::new();
@@ -131,9 +138,7 @@ fn missing_backend_fails_after_the_timeout_naming_device_and_socket() {
 #[test]
 fn a_backend_that_appears_late_is_waited_for() {
     let dir = SandboxDir::new();
-    let image = dir.path("disk.img");
-    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
-    let socket = dir.path("blk.sock");
+    let (image, socket) = scratch_disk(&dir);
     let config = disk_config(&dir, "hello", &socket, "");
     let mut vmm = Vmm::start(&config);
     thread::sleep(Duration::from_millis(700));
@@ -201,9 +206,7 @@ fn guest_writes_reach_the_disk_image_through_qemu_storage_daemon() {
 #[test]
 fn a_read_only_disk_rejects_guest_writes() {
     let dir = SandboxDir::new();
-    let image = dir.path("disk.img");
-    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
-    let socket = dir.path("blk.sock");
+    let (image, socket) = scratch_disk(&dir);
     let Some(_qsd) = qemu_storage_daemon(&image, &socket, false) else {
         return;
     };
@@ -266,9 +269,7 @@ fn frames_echo_through_dpdk_testpmd_and_both_devices_work_together() {
     let Some(_pmd) = testpmd_macswap(&net_sock) else {
         return;
     };
-    let image = dir.path("disk.img");
-    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
-    let blk_sock = dir.path("blk.sock");
+    let (image, blk_sock) = scratch_disk(&dir);
     let Some(_qsd) = qemu_storage_daemon(&image, &blk_sock, true) else {
         return;
     };
@@ -293,9 +294,7 @@ fn frames_echo_through_dpdk_testpmd_and_both_devices_work_together() {
 #[test]
 fn disk_io_survives_a_backend_crash_and_restart() {
     let dir = SandboxDir::new();
-    let image = dir.path("disk.img");
-    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
-    let socket = dir.path("blk.sock");
+    let (image, socket) = scratch_disk(&dir);
     let Some(mut qsd) = qemu_storage_daemon(&image, &socket, true) else {
         return;
     };
@@ -426,9 +425,7 @@ fn start_keel_vhost_blk(image: &Path, socket: &Path, serial: &str) -> Backend {
 #[test]
 fn guest_data_goes_through_keel_vhost_blk_and_survives_its_restart() {
     let dir = SandboxDir::new();
-    let image = dir.path("disk.img");
-    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
-    let socket = dir.path("blk.sock");
+    let (image, socket) = scratch_disk(&dir);
     let mut backend = start_keel_vhost_blk(&image, &socket, "keel-disk-1");
     let control = dir.path("control.sock");
     let config = dir.probe_config(
@@ -502,9 +499,7 @@ fn guest_data_goes_through_keel_vhost_blk_and_survives_its_restart() {
 #[test]
 fn devices_keep_working_after_the_guest_moves_their_bars() {
     let dir = SandboxDir::new();
-    let image = dir.path("disk.img");
-    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
-    let socket = dir.path("blk.sock");
+    let (image, socket) = scratch_disk(&dir);
     let _backend = start_keel_vhost_blk(&image, &socket, "moved");
     let config = disk_config(&dir, "blk probe.pci_reassign=1", &socket, "");
     let mut vmm = Vmm::start(&config);
@@ -526,9 +521,7 @@ fn devices_keep_working_after_the_guest_moves_their_bars() {
 #[test]
 fn a_multiqueue_disk_shows_its_queues_to_the_guest() {
     let dir = SandboxDir::new();
-    let image = dir.path("disk.img");
-    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
-    let socket = dir.path("blk.sock");
+    let (image, socket) = scratch_disk(&dir);
     let child = Command::new(keel_vhost_blk())
         .arg("--socket")
         .arg(&socket)
@@ -785,9 +778,7 @@ fn disk_io_continues_while_the_nic_backend_is_down_and_the_nic_recovers() {
     let Some(mut pmd) = testpmd_macswap(&net_sock) else {
         return;
     };
-    let image = dir.path("disk.img");
-    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
-    let blk_sock = dir.path("blk.sock");
+    let (image, blk_sock) = scratch_disk(&dir);
     let _blk = start_keel_vhost_blk(&image, &blk_sock, "both");
     let config = dir.probe_config(
         "virtio probe.rounds=80 probe.timeout_ms=20000",
