@@ -1,12 +1,16 @@
 //! A client for keel-vhost-net's control socket (see [`crate::control`]): one request
 //! line per connection, one JSON reply line. For tools, the bench and tests.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
+
+/// Longest reply read (a stats reply is about 1 KiB per port); a longer one is a bad
+/// reply.
+pub const MAX_REPLY: u64 = 16 << 20;
 
 /// Why a control request failed.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +83,7 @@ impl ControlClient {
             .map_err(io("send"))?;
         let mut reply = String::new();
         BufReader::new(s)
+            .take(MAX_REPLY)
             .read_line(&mut reply)
             .map_err(io("read the reply"))?;
         serde_json::from_str(&reply).map_err(|_| ControlClientError::BadReply {

@@ -980,6 +980,15 @@ fn rx_batches_without_merged_buffers_skip_frames_that_do_not_fit() {
         assert_eq!(&got[HDR_LEN..], &f[..]);
     }
     assert_eq!(q.next_avail(), 2);
+
+    // One chain only: the big frame is too big (not "no buffer"), and the small one
+    // after it still gets the chain.
+    let mock = MockSplitQueue::new(&mem, QS);
+    add_chains(&mock, &[&[(BUF, 100, W)]]);
+    let (t, q) = write_batch(&mem, &mock, &batch, false);
+    assert_eq!((t.frames, t.too_big, t.no_buffer), (1, 1, 1));
+    assert_eq!(used_elem(&mem, &mock, 0), (0, 72));
+    assert_eq!(q.next_avail(), 1);
 }
 
 #[test]

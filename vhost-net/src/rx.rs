@@ -219,6 +219,14 @@ impl<'q, 'm> RxWriter<'q, 'm> {
         let (dst0, used0) = (dst.len(), used.len());
         let mut covered = 0usize;
         while covered < total {
+            // Without merged buffers a frame must fit its one chain, whether or not
+            // more are posted.
+            if used.len() > used0 && !mrg {
+                self.next_avail = start_avail;
+                dst.truncate(dst0);
+                used.truncate(used0);
+                return Err(RxDrop::TooBig);
+            }
             if self.next_avail == self.avail_idx {
                 self.avail_idx = self.ring.avail_idx();
                 if self.next_avail == self.avail_idx
@@ -231,12 +239,6 @@ impl<'q, 'm> RxWriter<'q, 'm> {
                     used.truncate(used0);
                     return Err(RxDrop::NoBuffer);
                 }
-            }
-            if used.len() > used0 && !mrg {
-                self.next_avail = start_avail;
-                dst.truncate(dst0);
-                used.truncate(used0);
-                return Err(RxDrop::TooBig);
             }
             let head = self.ring.avail_entry(self.next_avail);
             self.next_avail = self.next_avail.wrapping_add(1);
@@ -380,8 +382,10 @@ fn prefetch_start(p: *mut u8, len: usize) {
     }
 }
 
-/// Destination pieces a batch holds before it copies what it has taken (the rest of
-/// the batch follows in another round).
+/// Destination pieces a batch gathers before it copies what it has taken (the rest of
+/// the batch follows in another round). Checked between frames: a round holds at
+/// most this many plus one frame's pieces (a frame is at most `MAX_CHAIN_LEN` bytes,
+/// so at most that many one-byte pieces).
 const MAX_PENDING_PIECES: usize = 1024;
 
 /// How much of each RX buffer is prefetched for writing before the copies.

@@ -523,9 +523,16 @@ impl Port {
             }
             let h = offload::sanitize_tx(&f.vnet, src_features);
             let plan = offload::plan_rx(&h, features);
-            if let RxPlan::Pass(out) = plan {
-                rx.jobs.push(RxJob { frame: i, hdr: out });
-                continue;
+            match plan {
+                RxPlan::Pass(out) => {
+                    rx.jobs.push(RxJob { frame: i, hdr: out });
+                    continue;
+                }
+                RxPlan::Drop => {
+                    offl += 1;
+                    continue;
+                }
+                RxPlan::CompleteCsum(_) | RxPlan::Segment(_) => {}
             }
             if flush(&mut w, rx, &mut t) {
                 // Out of buffers: the frames after the batch are dropped too.

@@ -377,7 +377,6 @@ pub fn le_u64(b: &[u8], at: usize) -> u64 {
 
 #[cfg(test)]
 mod tests {
-
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use std::io::Seek;
