@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use crate::parse_address;
 
-/// Largest notification read; longer datagrams are cut (systemd's limit is larger,
-/// but keel's notifications are a few lines).
+/// Largest notification read; longer datagrams are cut, as systemd's own reader
+/// does (it reads at most `PIPE_BUF`, 4096 bytes).
 const MAX_DATAGRAM: usize = 4096;
 
 /// A bound notification socket.
