@@ -475,13 +475,7 @@ fn guest_data_goes_through_keel_vhost_blk_and_survives_its_restart() {
     vmm.stderr
         .wait_for("device disk0: backend is back", Duration::from_secs(30));
     // The operator sees the reconnect in the control socket's stats.
-    let stats = Command::new(env!("CARGO_BIN_EXE_keel-vmm"))
-        .args(["ctl", "--socket"])
-        .arg(&control)
-        .arg("stats")
-        .output()
-        .unwrap();
-    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    let stats = ctl_stats();
     assert_eq!(stats["devices"][0]["id"], "disk0", "{stats}");
     assert_eq!(stats["devices"][0]["backend"], "connected", "{stats}");
     assert_eq!(stats["devices"][0]["reconnects"], 1, "{stats}");
