@@ -5,13 +5,13 @@
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use crate::net::{Frame, RxDrop, TxBatch, HDR_LEN, NUM_BUFFERS_OFFSET};
+use crate::net::{RxDrop, TxBatch, HDR_LEN, NUM_BUFFERS_OFFSET};
 use crate::ring::{HostMem, Ring};
 
 /// Reusable space for writing RX chains.
 #[derive(Debug, Default)]
 pub struct RxScratch {
-    /// The pieces of the frame being written.
+    /// The pieces of a frame being sent to a TAP uplink (one writev).
     pub(crate) src: Vec<(*const u8, usize)>,
     /// A frame copy for the slow paths (checksum completion).
     pub copy: Vec<u8>,
@@ -73,7 +73,7 @@ impl RxTally {
     }
 }
 
-// SAFETY: `src` only holds pointers while one frame is written, within one call.
+// SAFETY: `src` only holds pointers while one frame is sent, within one call.
 unsafe impl Send for RxScratch {}
 
 /// An RX queue being filled: ring pointers resolved once, used entries published
@@ -284,26 +284,6 @@ impl<'q, 'm> RxWriter<'q, 'm> {
     fn put_used(&mut self, head: u16, len: u32) {
         self.ring.put_used(self.next_used, head, len);
         self.next_used = self.next_used.wrapping_add(1);
-    }
-
-    /// Writes one frame from `batch` with header `hdr` (its `num_buffers` is set
-    /// here): one chain, or with `mrg` as many as needed. On `NoBuffer`/`TooBig` the
-    /// queue is left as it was.
-    pub fn write(
-        &mut self,
-        hdr: &[u8],
-        batch: &TxBatch,
-        f: &Frame,
-        mrg: bool,
-        scratch: &mut RxScratch,
-    ) -> Result<(), RxDrop> {
-        let mut src = std::mem::take(&mut scratch.src);
-        src.clear();
-        batch.pieces(f, &mut src);
-        let r = self.write_pieces(hdr, &src, mrg, scratch);
-        src.clear();
-        scratch.src = src;
-        r
     }
 
     /// Writes `hdr` then the bytes of `pieces` (pointers valid for the call): one

@@ -523,7 +523,7 @@ impl Port {
             }
             let h = offload::sanitize_tx(&f.vnet, src_features);
             let plan = offload::plan_rx(&h, features);
-            match plan {
+            let (out, segment) = match plan {
                 RxPlan::Pass(out) => {
                     rx.jobs.push(RxJob { frame: i, hdr: out });
                     continue;
@@ -532,15 +532,17 @@ impl Port {
                     offl += 1;
                     continue;
                 }
-                RxPlan::CompleteCsum(_) | RxPlan::Segment(_) => {}
-            }
+                RxPlan::CompleteCsum(out) => (out, false),
+                RxPlan::Segment(out) => (out, true),
+            };
             if flush(&mut w, rx, &mut t) {
                 // Out of buffers: the frames after the batch are dropped too.
                 t.no_buffer += (frames.len() - k) as u64;
                 stopped = true;
                 break;
             }
-            let r = match self.slow_write(&mut w, batch, f, &h, plan, hdr_len, mrg, rx) {
+            let out = &out[..hdr_len];
+            let r = match self.slow_write(&mut w, batch, f, &h, out, segment, mrg, rx) {
                 Some(Written::Frame(r)) => r,
                 Some(Written::Segments(sent)) => {
                     t.frames += sent.packets;
@@ -595,8 +597,9 @@ impl Port {
         );
     }
 
-    /// Writes a frame whose offload `plan` (for sanitized header `h`) is not a plain
-    /// pass-through; `None` when this receiver cannot take it.
+    /// Writes a frame (sanitized header `h`) whose offloads this receiver lacks, with
+    /// header `out`: split in software (`segment`), or with its checksum completed.
+    /// `None` when the frame fails the checks that needs.
     #[allow(clippy::too_many_arguments)]
     fn slow_write(
         &self,
@@ -604,40 +607,26 @@ impl Port {
         batch: &TxBatch,
         f: &Frame,
         h: &[u8; net::HDR_LEN],
-        plan: RxPlan,
-        hdr_len: usize,
+        out: &[u8],
+        segment: bool,
         mrg: bool,
         rx: &mut RxScratch,
     ) -> Option<Written> {
-        match plan {
-            RxPlan::Drop => None,
-            RxPlan::Pass(out) => Some(Written::Frame(w.write(&out[..hdr_len], batch, f, mrg, rx))),
-            RxPlan::CompleteCsum(out) => {
-                let mut copy = std::mem::take(&mut rx.copy);
-                copy.clear();
-                batch.gather(f, &mut copy);
-                let r = if offload::complete_checksum(&mut copy, h) {
-                    Some(Written::Frame(w.write_pieces(
-                        &out[..hdr_len],
-                        &[(copy.as_ptr(), copy.len())],
-                        mrg,
-                        rx,
-                    )))
-                } else {
-                    None
-                };
-                rx.copy = copy;
-                r
-            }
-            RxPlan::Segment(out) => {
-                let mut copy = std::mem::take(&mut rx.copy);
-                let sent = send_segments(&mut copy, batch, f, h, |s| {
-                    w.write_pieces(&out[..hdr_len], &[(s.as_ptr(), s.len())], mrg, rx)
-                });
-                rx.copy = copy;
-                sent.map(Written::Segments)
-            }
-        }
+        let mut copy = std::mem::take(&mut rx.copy);
+        let r = if segment {
+            send_segments(&mut copy, batch, f, h, |s| {
+                w.write_pieces(out, &[(s.as_ptr(), s.len())], mrg, rx)
+            })
+            .map(Written::Segments)
+        } else {
+            copy.clear();
+            batch.gather(f, &mut copy);
+            offload::complete_checksum(&mut copy, h).then(|| {
+                Written::Frame(w.write_pieces(out, &[(copy.as_ptr(), copy.len())], mrg, rx))
+            })
+        };
+        rx.copy = copy;
+        r
     }
 }
 
